@@ -1,0 +1,213 @@
+"""The exception hierarchy of kommo-talks.
+
+Every exception the SDK raises derives from :class:`KommoError`. Exceptions
+carry the facts as attributes and print one line a person can act on. No
+message or ``repr`` ever holds a token or a client secret: the SDK never puts
+one into an exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "APIError",
+    "DecodeError",
+    "ForbiddenError",
+    "KommoError",
+    "NotFoundError",
+    "PaymentRequiredError",
+    "RateLimitError",
+    "ServerError",
+    "TalkAlreadyClosedError",
+    "TokenRefreshError",
+    "TokenStoreError",
+    "TransportError",
+    "UnauthorizedError",
+]
+
+
+class KommoError(Exception):
+    """Base class of every error raised by kommo-talks."""
+
+
+class APIError(KommoError):
+    """Kommo answered with a non-success HTTP status.
+
+    Attributes:
+        status: the HTTP status code.
+        title, detail, type: the fields of the ``application/problem+json``
+            body, each ``None`` when absent (Kommo's 500 has no ``type``).
+            For a body that is not JSON, ``detail`` holds at most its first
+            500 characters.
+        problem: the parsed problem body, ``{}`` if there was none.
+        request_method, request_url: the request that got this answer.
+        request_id: the ``X-Request-Id`` response header, or ``None``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        *,
+        title: str | None = None,
+        detail: str | None = None,
+        type: str | None = None,  # noqa: A002 - the problem+json field name
+        problem: dict[str, Any] | None = None,
+        request_method: str | None = None,
+        request_url: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.type = type
+        self.problem: dict[str, Any] = problem if problem is not None else {}
+        self.request_method = request_method
+        self.request_url = request_url
+        self.request_id = request_id
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        text = f"{self.status}"
+        if self.title:
+            text += f" {self.title}"
+        if self.detail and self.detail != self.title:
+            text += f": {self.detail}"
+        if self.request_method and self.request_url:
+            text += f" ({self.request_method} {self.request_url}"
+            text += f", request id {self.request_id})" if self.request_id else ")"
+        return text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.__dict__))
+
+
+def _rebuild(cls: type[APIError], state: dict[str, Any]) -> APIError:
+    error = cls.__new__(cls)
+    error.__dict__.update(state)
+    Exception.__init__(error, error._message())
+    return error
+
+
+class UnauthorizedError(APIError):
+    """401: the token is invalid, expired or revoked (after a refresh, for OAuth2)."""
+
+
+class PaymentRequiredError(APIError):
+    """402: the account's paid or trial period has ended."""
+
+
+class ForbiddenError(APIError):
+    """403: not allowed; with a non-JSON body, usually an IP or account block.
+
+    ``is_block`` tells the two apart: Kommo serves an HTML page to every
+    request of a blocked IP or account, and a problem+json body for an
+    ordinary permission error.
+    """
+
+    @property
+    def is_block(self) -> bool:
+        """True if this 403 looks like Kommo's IP/account block (body not JSON)."""
+        return not self.problem
+
+
+class NotFoundError(APIError):
+    """404: no such talk (or no such endpoint)."""
+
+
+class TalkAlreadyClosedError(APIError):
+    """422 from close: the talk is already closed or being closed."""
+
+
+class _WaitError(APIError):
+    """An APIError that may carry a server-given wait (``retry_after``)."""
+
+    def __init__(self, status: int, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        self.retry_after = retry_after
+        super().__init__(status, **kwargs)
+
+    def _message(self) -> str:
+        text = super()._message()
+        if self.retry_after is not None:
+            text += f"; retry after {self.retry_after:.1f} s"
+        return text
+
+
+class RateLimitError(_WaitError):
+    """429 once retries are exhausted, or a server-given wait above ``max_delay``.
+
+    ``retry_after`` is the server-given wait in seconds, or ``None``.
+    """
+
+
+class ServerError(_WaitError):
+    """5xx once retries are exhausted, or a server-given wait above ``max_delay``.
+
+    ``retry_after`` is the server-given wait in seconds, or ``None``.
+    """
+
+
+class TransportError(KommoError):
+    """A connection failure or timeout, once retries are exhausted.
+
+    ``request_method`` and ``request_url`` name the request; the original
+    aiohttp or timeout exception is chained as ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_method: str | None = None,
+        request_url: str | None = None,
+    ) -> None:
+        self.request_method = request_method
+        self.request_url = request_url
+        super().__init__(message)
+
+
+class TokenRefreshError(KommoError):
+    """The OAuth token endpoint refused or failed; re-authorization is needed.
+
+    Attributes:
+        status: the token endpoint's HTTP status, or ``None`` (network failure).
+        hint: the ``hint`` of Kommo's problem body (e.g. ``"Token has been
+            revoked"``), or ``None``. Never contains a token.
+        problem: the parsed problem body, ``{}`` if there was none.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        hint: str | None = None,
+        problem: dict[str, Any] | None = None,
+    ) -> None:
+        self.status = status
+        self.hint = hint
+        self.problem: dict[str, Any] = problem if problem is not None else {}
+        super().__init__(message)
+
+
+class TokenStoreError(TokenRefreshError):
+    """A token store cannot be read or written (corrupt file, unreadable, ...).
+
+    The store is left as it was: a corrupt file is never overwritten by the
+    SDK, except by :meth:`OAuth2.exchange_code`, which is how a user recovers.
+    """
+
+
+class DecodeError(KommoError):
+    """A response body is not what the API documents.
+
+    Attributes:
+        status: the HTTP status of the response, or ``None`` when decoding
+            something that did not come from a response (a webhook body).
+        path: the offending field path (e.g. ``"talk_id"``), or ``None``.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, path: str | None = None) -> None:
+        self.status = status
+        self.path = path
+        super().__init__(message)
