@@ -1,0 +1,170 @@
+"""The strict cattrs converter that decodes Kommo's JSON into the models.
+
+``converter.structure(payload, Talk)`` builds a :class:`~kommo_talks.Talk`;
+``converter.unstructure(talk)`` gives back Kommo's JSON shape, so that a
+documented payload round-trips exactly. The converter never coerces: a
+``"5"`` is not an ``int``, ``True`` is not an ``int``, ``"false"`` is not a
+``bool`` and ``None`` is not a ``str``. Failures raise cattrs'
+``ClassValidationError``; :func:`describe_validation_error` turns one into a
+short text naming the field path.
+
+All hooks are generated once, at import time, and reused on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from .models import EntityRef, Talk, TalkEmbedded
+
+__all__ = ["converter", "describe_validation_error"]
+
+T = TypeVar("T")
+
+converter = cattrs.Converter(detailed_validation=True)
+"""The converter used for every API response (see the module docstring)."""
+
+
+def _strict(expected: type[T], name: str) -> Callable[[Any, Any], T]:
+    def structure(value: Any, _: Any) -> T:
+        # `type(...) is` rejects subclasses on purpose: bool is a subclass of int.
+        if type(value) is not expected:
+            raise TypeError(f"expected {name}, got {_describe(value)}")
+        return value  # type: ignore[no-any-return]
+
+    return structure
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+converter.register_structure_hook(int, _strict(int, "an integer"))
+converter.register_structure_hook(str, _strict(str, "a string"))
+converter.register_structure_hook(bool, _strict(bool, "a boolean"))
+
+
+def _structure_unix_seconds(value: Any, _: Any) -> datetime:
+    if type(value) is not int:
+        raise TypeError(f"expected Unix seconds (an integer), got {_describe(value)}")
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _unstructure_unix_seconds(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+converter.register_structure_hook(datetime, _structure_unix_seconds)
+converter.register_unstructure_hook(datetime, _unstructure_unix_seconds)
+
+
+def _structure_self_href(links: Any, _: Any) -> str | None:
+    """``_links`` → ``_links.self.href`` (``None`` when absent)."""
+    if links is None:
+        return None
+    if type(links) is not dict:
+        raise TypeError(f"expected an object, got {_describe(links)}")
+    link = links.get("self")
+    if link is None:
+        return None
+    if type(link) is not dict:
+        raise TypeError(f"expected an object at self, got {_describe(link)}")
+    href = link.get("href")
+    if href is not None and type(href) is not str:
+        raise TypeError(f"expected a string at self.href, got {_describe(href)}")
+    return href
+
+
+def _unstructure_self_href(href: str | None) -> dict[str, Any]:
+    return {"self": {"href": href}}
+
+
+_structure_ref_tuple = converter.get_structure_hook(tuple[EntityRef, ...])
+
+
+def _structure_refs(value: Any, _: Any) -> tuple[EntityRef, ...]:
+    if type(value) is not list:
+        raise TypeError(f"expected an array, got {_describe(value)}")
+    return _structure_ref_tuple(value, tuple[EntityRef, ...])  # type: ignore[no-any-return]
+
+
+def _unstructure_refs(refs: tuple[EntityRef, ...]) -> list[dict[str, Any]]:
+    return [_unstructure_entity_ref(ref) for ref in refs]
+
+
+def _structure_embedded(value: Any, _: Any) -> TalkEmbedded:
+    if value is None:
+        return TalkEmbedded()
+    if type(value) is not dict:
+        raise TypeError(f"expected an object, got {_describe(value)}")
+    return _structure_talk_embedded(value, TalkEmbedded)
+
+
+_self_url = override(
+    rename="_links",
+    omit_if_default=True,
+    struct_hook=_structure_self_href,
+    unstruct_hook=_unstructure_self_href,
+)
+_refs = override(struct_hook=_structure_refs, unstruct_hook=_unstructure_refs)
+
+converter.register_structure_hook(
+    EntityRef, make_dict_structure_fn(EntityRef, converter, href=_self_url)
+)
+_unstructure_entity_ref = make_dict_unstructure_fn(EntityRef, converter, href=_self_url)
+converter.register_unstructure_hook(EntityRef, _unstructure_entity_ref)
+
+_structure_talk_embedded = make_dict_structure_fn(
+    TalkEmbedded, converter, contacts=_refs, leads=_refs, customers=_refs
+)
+converter.register_structure_hook(TalkEmbedded, _structure_talk_embedded)
+converter.register_unstructure_hook(
+    TalkEmbedded,
+    make_dict_unstructure_fn(TalkEmbedded, converter, contacts=_refs, leads=_refs, customers=_refs),
+)
+
+_embedded = override(rename="_embedded", struct_hook=_structure_embedded)
+converter.register_structure_hook(
+    Talk, make_dict_structure_fn(Talk, converter, embedded=_embedded, self_url=_self_url)
+)
+converter.register_unstructure_hook(
+    Talk,
+    make_dict_unstructure_fn(
+        Talk, converter, embedded=override(rename="_embedded"), self_url=_self_url
+    ),
+)
+
+
+# Attribute names that differ from the API's field names, for error paths.
+_WIRE_NAMES = {"embedded": "_embedded", "self_url": "_links", "href": "_links"}
+
+
+def _wire_path(path: str) -> str:
+    return ".".join(_WIRE_NAMES.get(part, part) for part in path.split("."))
+
+
+def describe_validation_error(exc: BaseException) -> tuple[str, str | None]:
+    """Summarise a cattrs structuring error as ``(text, first field path)``.
+
+    The path has no ``$.`` prefix (``"talk_id"``, ``"_embedded.contacts[0].id"``).
+    """
+    messages = cattrs.transform_error(exc, path="$")
+    first_path: str | None = None
+    parts = []
+    for message in messages:
+        text, _, where = message.rpartition(" @ ")
+        path = _wire_path(where.removeprefix("$").removeprefix(".")) or None
+        if first_path is None:
+            first_path = path
+        parts.append(f"{path}: {text}" if path else text)
+    return "; ".join(parts), first_path
