@@ -35,7 +35,7 @@ def _strict(expected: type[T], name: str) -> Callable[[Any, Any], T]:
         # `type(...) is` rejects subclasses on purpose: bool is a subclass of int.
         if type(value) is not expected:
             raise TypeError(f"expected {name}, got {_describe(value)}")
-        return value  # type: ignore[no-any-return]
+        return value
 
     return structure
 

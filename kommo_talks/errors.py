@@ -51,7 +51,7 @@ class APIError(KommoError):
         *,
         title: str | None = None,
         detail: str | None = None,
-        type: str | None = None,  # noqa: A002 - the problem+json field name
+        type: str | None = None,
         problem: dict[str, Any] | None = None,
         request_method: str | None = None,
         request_url: str | None = None,
@@ -72,7 +72,8 @@ class APIError(KommoError):
         if self.title:
             text += f" {self.title}"
         if self.detail and self.detail != self.title:
-            text += f": {self.detail}"
+            detail = " ".join(self.detail.split())
+            text += f": {detail[:200]}..." if len(detail) > 200 else f": {detail}"
         if self.request_method and self.request_url:
             text += f" ({self.request_method} {self.request_url}"
             text += f", request id {self.request_id})" if self.request_id else ")"

@@ -64,15 +64,12 @@ class Talk:
     self_url: str | None = None
 
 
-class CloseStatus(str, enum.Enum):
+class CloseStatus(enum.StrEnum):
     """What happened to one talk of a batch close."""
 
     CLOSED = "closed"
     ALREADY_CLOSED = "already_closed"
     FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @attrs.frozen
