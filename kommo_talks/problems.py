@@ -1,0 +1,105 @@
+"""Turning an error response into the right exception (pure functions).
+
+Kommo answers errors with ``application/problem+json`` bodies whose fields
+are all optional in practice (its 500 has no ``type``), and a blocked IP or a
+proxy answers with an HTML page. Both must give the right exception class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .errors import (
+    APIError,
+    ForbiddenError,
+    NotFoundError,
+    PaymentRequiredError,
+    RateLimitError,
+    ServerError,
+    TalkAlreadyClosedError,
+    UnauthorizedError,
+)
+
+__all__ = ["DETAIL_LIMIT", "error_class", "is_block", "make_api_error", "parse_problem"]
+
+DETAIL_LIMIT = 500
+"""A non-JSON error body is kept as ``detail``, cut to this many characters."""
+
+_STATUS_CLASSES: dict[int, type[APIError]] = {
+    401: UnauthorizedError,
+    402: PaymentRequiredError,
+    403: ForbiddenError,
+    404: NotFoundError,
+    429: RateLimitError,
+}
+
+
+def error_class(status: int, *, closing: bool = False) -> type[APIError]:
+    """The exception class for an HTTP status (``closing``: the request was a close)."""
+    if status == 422 and closing:
+        return TalkAlreadyClosedError
+    if status >= 500:
+        return ServerError
+    return _STATUS_CLASSES.get(status, APIError)
+
+
+def parse_problem(content_type: str | None, body: bytes) -> tuple[dict[str, Any], str | None]:
+    """Parse an error body into ``(problem, text)``.
+
+    ``problem`` is the JSON object if the body is one (whatever the exact
+    content type, as long as it mentions ``json``), else ``{}``. ``text`` is
+    the body's first :data:`DETAIL_LIMIT` characters when it is not a JSON
+    object (an HTML page, say), else ``None``.
+    """
+    if content_type and "json" in content_type:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if isinstance(data, dict):
+                return data, None
+    text = body.decode("utf-8", errors="replace").strip()
+    return {}, (text[:DETAIL_LIMIT] or None)
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def make_api_error(
+    status: int,
+    content_type: str | None,
+    body: bytes,
+    *,
+    request_method: str,
+    request_url: str,
+    request_id: str | None,
+    closing: bool = False,
+    retry_after: float | None = None,
+) -> APIError:
+    """Build the exception for a non-success answer."""
+    problem, text = parse_problem(content_type, body)
+    cls = error_class(status, closing=closing)
+    fields: dict[str, Any] = {
+        "title": _str_or_none(problem.get("title")),
+        "detail": _str_or_none(problem.get("detail")) if problem else text,
+        "type": _str_or_none(problem.get("type")),
+        "problem": problem,
+        "request_method": request_method,
+        "request_url": request_url,
+        "request_id": request_id,
+    }
+    if issubclass(cls, RateLimitError | ServerError):
+        return cls(status, retry_after=retry_after, **fields)
+    return cls(status, **fields)
+
+
+def is_block(status: int, content_type: str | None, body: bytes) -> bool:
+    """Is this answer Kommo's IP/account block: a 403 whose body is not a JSON object?"""
+    if status != 403:
+        return False
+    problem, _ = parse_problem(content_type, body)
+    return not problem

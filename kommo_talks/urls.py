@@ -1,0 +1,68 @@
+"""Validation of the account base URL (pure)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from yarl import URL
+
+__all__ = ["LOOPBACK_HOSTS", "is_loopback", "normalize_base_url", "same_origin"]
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_base_url(base_url: str) -> URL:
+    """Check an account base URL and return it without a trailing slash.
+
+    Raises:
+        ValueError: not ``https://`` (``http://`` is allowed for loopback
+            hosts only), or it has a path other than ``/``, a query, a
+            fragment or credentials.
+    """
+    if not isinstance(base_url, str):
+        raise ValueError(f"base_url must be a str, got {type(base_url).__name__}")
+    try:
+        url = URL(base_url.strip())
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"base_url is not a valid URL: {base_url!r}") from exc
+    if not url.is_absolute() or not url.host:
+        raise ValueError(
+            f"base_url must be an absolute URL such as https://example.kommo.com, got {base_url!r}"
+        )
+    if url.user is not None or url.password is not None:
+        raise ValueError("base_url must not contain credentials")
+    if url.scheme == "http":
+        if not is_loopback(url.host):
+            raise ValueError(
+                f"base_url must use https:// (http:// is allowed only for loopback hosts), "
+                f"got {url.with_user(None)}"
+            )
+    elif url.scheme != "https":
+        raise ValueError(f"base_url must use https://, got scheme {url.scheme!r}")
+    if url.path not in ("", "/"):
+        raise ValueError(f"base_url must have no path (the account root), got {url.path!r}")
+    if url.query_string or url.fragment:
+        raise ValueError("base_url must have no query or fragment")
+    return url.origin()
+
+
+def same_origin(url: URL, base: URL) -> bool:
+    """True if ``url`` has the scheme, host and port of ``base``."""
+    return (
+        url.scheme == base.scheme
+        and (url.host or "").lower() == (base.host or "").lower()
+        and url.port == base.port
+    )
