@@ -1,0 +1,578 @@
+"""``KommoClient``: the session's lifecycle and the request pipeline.
+
+Every request goes through one short recipe (:meth:`KommoClient._send`):
+get a token, wait out any server-given pause, take a rate-limit slot, send one
+attempt, then ask the pure functions of :mod:`kommo_talks.retry` and
+:mod:`kommo_talks.problems` what the answer means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import random
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, cast
+
+import aiohttp
+import attrs
+import cattrs
+import orjson
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from ._version import __version__
+from .auth import Auth, LongLivedToken
+from .converter import converter, describe_validation_error
+from .errors import (
+    APIError,
+    DecodeError,
+    KommoError,
+    RateLimitError,
+    ServerError,
+    TokenRefreshError,
+    TransportError,
+)
+from .models import CloseOutcome, Talk
+from .pause import ServerPause
+from .problems import make_api_error, parse_problem
+from .ratelimit import RateLimiter, SlidingWindowRateLimiter
+from .retry import (
+    RetryPolicy,
+    backoff_delay,
+    is_retryable_exception,
+    is_retryable_status,
+    server_wait,
+)
+from .urls import normalize_base_url
+
+if TYPE_CHECKING:
+    from .oauth import OAuth2
+
+__all__ = ["KommoClient"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("kommo_talks")
+
+USER_AGENT: Final = (
+    f"kommo-talks/{__version__} aiohttp/{aiohttp.__version__} Python/{platform.python_version()}"
+)
+_CLOSE_BODIES: Final = {
+    True: orjson.dumps({"force_close": True}),
+    False: orjson.dumps({"force_close": False}),
+}
+_TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
+
+
+def check_talk_id(talk_id: object) -> int:
+    """Return ``talk_id`` if it is a positive ``int`` (not a ``bool``), else raise ValueError."""
+    if type(talk_id) is not int or talk_id <= 0:
+        raise ValueError(f"talk_id must be a positive int, got {talk_id!r}")
+    return talk_id
+
+
+@attrs.frozen
+class Response:
+    """One HTTP answer, read whole (internal)."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    method: str
+    url: str
+    #: an earlier attempt of the same call ended ambiguously (timeout, drop, 5xx)
+    after_ambiguous: bool = False
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("Content-Type")
+
+
+class KommoClient:
+    """An async client of Kommo's Talks API; safe to share among tasks.
+
+    Args:
+        base_url: the account's address, e.g. ``https://example.kommo.com``;
+            ``https://`` only (``http://`` for loopback hosts, for tests).
+        auth: :class:`LongLivedToken` or :class:`OAuth2`.
+        session: an ``aiohttp.ClientSession`` to borrow; it is never closed
+            by the client. Without one, the client creates its own (lazily,
+            inside the running loop) with a pool of ``max_connections``.
+        retry: the :class:`RetryPolicy`.
+        rate_limit: requests per second for this client (default 7, Kommo's
+            documented limit), a :class:`RateLimiter`, or ``None`` for none.
+        timeout: seconds per request attempt, or an ``aiohttp.ClientTimeout``.
+        max_connections: connection pool size of the client's own session.
+        sleep, clock, rng: the sleep function, monotonic clock and random
+            generator of the retry loop and limiter; tests pass fakes.
+
+    Use it as ``async with KommoClient(...) as client:`` or call
+    :meth:`close`. Redirects are never followed, so the ``Authorization``
+    header never leaves the account's host.
+
+    Raises:
+        ValueError: a bad ``base_url`` or argument.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        auth: LongLivedToken | OAuth2 | Auth,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        retry: RetryPolicy | None = None,
+        rate_limit: float | RateLimiter | None = 7.0,
+        timeout: float | aiohttp.ClientTimeout = 30.0,
+        max_connections: int = 100,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._base = normalize_base_url(base_url)
+        self.base_url: str = str(self._base)
+        if not callable(getattr(auth, "access_token", None)):
+            raise ValueError(f"auth must be LongLivedToken or OAuth2, got {type(auth).__name__}")
+        self._auth: Auth = cast(Auth, auth)
+        if session is not None and not isinstance(session, aiohttp.ClientSession):
+            raise ValueError("session must be an aiohttp.ClientSession")
+        if retry is None:
+            retry = RetryPolicy()
+        elif not isinstance(retry, RetryPolicy):
+            raise ValueError("retry must be a RetryPolicy")
+        self.retry = retry
+        self._timeout = _make_timeout(timeout)
+        if type(max_connections) is not int or max_connections < 1:
+            raise ValueError(f"max_connections must be an int >= 1, got {max_connections!r}")
+        self._max_connections = max_connections
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._limiter: RateLimiter | None
+        if rate_limit is None:
+            self._limiter = None
+        elif isinstance(rate_limit, int | float) and not isinstance(rate_limit, bool):
+            self._limiter = SlidingWindowRateLimiter(rate_limit, clock=clock, sleep=sleep)
+        elif callable(getattr(rate_limit, "acquire", None)):
+            self._limiter = rate_limit  # type: ignore[assignment]
+        else:
+            raise ValueError(
+                f"rate_limit must be a number, a RateLimiter or None, got {rate_limit!r}"
+            )
+        self._pause = ServerPause(clock)
+        self._session = session
+        self._owns_session = session is None
+        self._closed = False
+        self._talks_url = f"{self.base_url}/api/v4/talks/"
+        self._token_url = f"{self.base_url}{_TOKEN_PATH}"
+        self._headers_token: str | None = None
+        self._get_headers: dict[str, str] = {}
+        self._post_headers: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<KommoClient {self.base_url} {state}>"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._session_or_raise()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session the client owns (a borrowed one stays open). Idempotent."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and self._owns_session and not session.closed:
+            await session.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._closed
+
+    def _session_or_raise(self) -> aiohttp.ClientSession:
+        session = self._session
+        if self._closed:
+            raise KommoError("this KommoClient is closed")
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                timeout=self._timeout,
+                auto_decompress=True,
+            )
+        return session
+
+    # -- operations --------------------------------------------------------
+
+    async def get_talk(self, talk_id: int) -> Talk:
+        """Fetch one talk.
+
+        Raises:
+            ValueError: ``talk_id`` is not a positive int (nothing is sent).
+            NotFoundError: no such talk. See :class:`APIError` for the others.
+            DecodeError: the answer does not fit :class:`Talk`.
+        """
+        url = self._talks_url + str(check_talk_id(talk_id))
+        response = await self._send("GET", url)
+        return self.decode(response, Talk)
+
+    async def close_talk(self, talk_id: int, *, force: bool = False) -> None:
+        """Close a talk; with ``force=True`` without launching Kommo's NPS bot.
+
+        Returns on 202. A 422 raises :class:`TalkAlreadyClosedError`, unless an
+        earlier attempt of this same call ended ambiguously (timeout, dropped
+        connection, 5xx): that attempt may have closed the talk, so the call
+        returns ``None``.
+
+        Raises:
+            ValueError: ``talk_id`` is not a positive int (nothing is sent).
+        """
+        url = self._talks_url + str(check_talk_id(talk_id)) + "/close"
+        if not isinstance(force, bool):
+            raise ValueError(f"force must be a bool, got {force!r}")
+        await self._send("POST", url, body=_CLOSE_BODIES[force], closing=True)
+
+    async def close_talks(
+        self,
+        ids: Iterable[int] | AsyncIterable[int],
+        *,
+        force: bool = False,
+        concurrency: int = 10,
+        progress: Callable[[CloseOutcome], object] | None = None,
+    ) -> list[CloseOutcome]:
+        """Close many talks concurrently; one :class:`CloseOutcome` per distinct ID.
+
+        ``ids`` is read lazily. Outcomes come in order of first appearance.
+        See :mod:`kommo_talks.batch` for the full rules (stops, cancellation).
+        """
+        from .batch import close_talks
+
+        return await close_talks(self, ids, force=force, concurrency=concurrency, progress=progress)
+
+    def iter_close_talks(
+        self,
+        ids: Iterable[int] | AsyncIterable[int],
+        *,
+        force: bool = False,
+        concurrency: int = 10,
+    ) -> AsyncIterator[CloseOutcome]:
+        """Close many talks; yield each :class:`CloseOutcome` as it completes."""
+        from .batch import iter_close_talks
+
+        return iter_close_talks(self, ids, force=force, concurrency=concurrency)
+
+    async def get_talks(
+        self,
+        ids: Iterable[int] | AsyncIterable[int],
+        *,
+        concurrency: int = 10,
+    ) -> list[Talk | KommoError]:
+        """Fetch many talks; one entry (a Talk or the error) per distinct ID, in order."""
+        from .batch import get_talks
+
+        return await get_talks(self, ids, concurrency=concurrency)
+
+    def iter_talks(
+        self,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        page_size: int = 250,
+    ) -> AsyncIterator[Talk]:
+        """Iterate over the account's talks, one page at a time.
+
+        Raises:
+            ValueError: a bad ``filter`` or ``page_size`` (before any request).
+        """
+        from .listing import iter_talks
+
+        return iter_talks(self, filter=filter, page_size=page_size)
+
+    # -- decoding ------------------------------------------------------------
+
+    def decode(self, response: Response, cls: type[T]) -> T:
+        """Decode a JSON answer into ``cls``, or raise :class:`DecodeError`."""
+        data = self.parse_json(response)
+        if type(data) is not dict:
+            raise DecodeError(
+                f"{response.method} {response.url} returned {response.status} with a JSON "
+                f"{type(data).__name__}, expected an object",
+                status=response.status,
+            )
+        try:
+            return converter.structure(data, cls)
+        except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
+            text, path = describe_validation_error(exc)
+            raise DecodeError(
+                f"{response.method} {response.url} returned {response.status} with a body "
+                f"that does not fit {cls.__name__}: {text}",
+                status=response.status,
+                path=path,
+            ) from None
+
+    @staticmethod
+    def parse_json(response: Response) -> Any:
+        """The JSON value of a response body, or raise :class:`DecodeError`."""
+        try:
+            return orjson.loads(response.body)
+        except orjson.JSONDecodeError:
+            what = "an empty body" if not response.body else "a body that is not JSON"
+            raise DecodeError(
+                f"{response.method} {response.url} returned {response.status} with {what} "
+                f"(Content-Type {response.content_type or 'missing'})",
+                status=response.status,
+            ) from None
+
+    # -- the request pipeline -------------------------------------------------
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+        closing: bool = False,
+    ) -> Response:
+        """Send a request under the retry policy; return a success answer.
+
+        With ``closing``, a 422 after an ambiguous attempt is returned as a
+        success (the earlier attempt closed the talk), and a first-attempt
+        422 raises :class:`TalkAlreadyClosedError`.
+        """
+        session = self._session_or_raise()
+        policy = self.retry
+        auth = self._auth
+        attempt = 0
+        ambiguous = False
+        refreshed = False
+        while True:
+            attempt += 1
+            token = await auth.access_token(self)
+            await self._pass_gates(method, url)
+            started = self._clock()
+            try:
+                async with session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=body,
+                    headers=self._headers_for(token, post=body is not None),
+                    allow_redirects=False,
+                    raise_for_status=False,
+                    timeout=self._timeout,
+                ) as raw:
+                    response = Response(
+                        raw.status, raw.headers, await raw.read(), method, url, ambiguous
+                    )
+            except Exception as exc:
+                if not is_retryable_exception(exc):
+                    raise
+                self._log(method, url, type(exc).__name__, started, attempt)
+                ambiguous = True
+                if attempt >= policy.max_attempts:
+                    raise TransportError(
+                        f"{method} {url} failed after {attempt} attempt(s): {_describe(exc)}",
+                        request_method=method,
+                        request_url=url,
+                    ) from exc
+                await self._sleep(backoff_delay(policy, attempt, self._rng))
+                continue
+
+            status = response.status
+            self._log(method, url, status, started, attempt)
+            if 200 <= status < 300:
+                return response
+            if status == 422 and closing and ambiguous:
+                return response
+            if status == 401 and not refreshed:
+                refreshed = True
+                if await auth.handle_unauthorized(self, token) and attempt < policy.max_attempts:
+                    continue
+            if not is_retryable_status(status):
+                raise self._error(response, closing=closing)
+
+            problem, _ = parse_problem(response.content_type, response.body)
+            wait = server_wait(status, response.headers.get("Retry-After"), problem)
+            error = self._error(response, retry_after=wait)
+            if wait is not None:
+                assert isinstance(error, RateLimitError | ServerError)
+                self._pause.extend(wait, error)
+                if wait > policy.max_delay:
+                    raise error
+            if status != 429:
+                ambiguous = True
+            if attempt >= policy.max_attempts:
+                raise error
+            if wait is None:
+                await self._sleep(backoff_delay(policy, attempt, self._rng))
+            # else: the client-wide pause makes the next pass of the gates wait.
+
+    async def _pass_gates(self, method: str, url: str) -> None:
+        """Wait out the client-wide server pause, then take a rate-limit slot."""
+        pause = self._pause
+        remaining = pause.remaining()
+        while remaining > 0:
+            if remaining > self.retry.max_delay:
+                raise pause.error_for(method, url, remaining)
+            await self._sleep(remaining)
+            remaining = pause.remaining()
+        if self._limiter is not None:
+            await self._limiter.acquire()
+
+    def _headers_for(self, token: str, *, post: bool) -> dict[str, str]:
+        # Built once per token, not per request: the hot path reuses the dicts.
+        if token is not self._headers_token:
+            base = {
+                "Authorization": f"Bearer {token}",
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+            }
+            self._get_headers = base
+            self._post_headers = {**base, "Content-Type": "application/json"}
+            self._headers_token = token
+        return self._post_headers if post else self._get_headers
+
+    def _error(
+        self, response: Response, *, closing: bool = False, retry_after: float | None = None
+    ) -> APIError:
+        return make_api_error(
+            response.status,
+            response.content_type,
+            response.body,
+            request_method=response.method,
+            request_url=response.url,
+            request_id=response.headers.get("X-Request-Id"),
+            closing=closing,
+            retry_after=retry_after,
+        )
+
+    def _log(self, method: str, url: str, status: int | str, started: float, attempt: int) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s -> %s in %.1f ms (attempt %d)",
+                method,
+                URL(url).path,
+                status,
+                (self._clock() - started) * 1000,
+                attempt,
+            )
+
+    # -- the token endpoint (used by OAuth2) -----------------------------------
+
+    async def request_tokens(self, payload: Mapping[str, str]) -> dict[str, Any]:
+        """POST to ``{base_url}/oauth2/access_token`` and return the JSON answer.
+
+        Used by :class:`OAuth2`; goes through the same rate limiter and
+        server-given pauses as every other request. Network failures, 429 and
+        5xx are retried with the same payload under the client's
+        :class:`RetryPolicy` (its own attempt budget).
+
+        Raises:
+            TokenRefreshError: the endpoint refused (400/401, carrying the
+                problem's ``hint``), answered otherwise, or kept failing.
+        """
+        session = self._session_or_raise()
+        policy = self.retry
+        method, url = "POST", self._token_url
+        data = orjson.dumps(dict(payload))
+        headers = {
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+        attempt = 0
+        while True:
+            attempt += 1
+            await self._pass_gates(method, url)
+            started = self._clock()
+            try:
+                async with session.post(
+                    url,
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,
+                    raise_for_status=False,
+                    timeout=self._timeout,
+                ) as raw:
+                    response = Response(raw.status, raw.headers, await raw.read(), method, url)
+            except Exception as exc:
+                if not is_retryable_exception(exc):
+                    raise
+                self._log(method, url, type(exc).__name__, started, attempt)
+                if attempt >= policy.max_attempts:
+                    raise TokenRefreshError(
+                        f"the token endpoint could not be reached after {attempt} attempt(s): "
+                        f"{_describe(exc)}"
+                    ) from exc
+                await self._sleep(backoff_delay(policy, attempt, self._rng))
+                continue
+            status = response.status
+            self._log(method, url, status, started, attempt)
+            if status == 200:
+                body = self.parse_json(response)
+                if type(body) is not dict:
+                    raise DecodeError(
+                        f"{method} {url} returned {status} with a JSON {type(body).__name__}, "
+                        "expected an object",
+                        status=status,
+                    )
+                return body
+            problem, text = parse_problem(response.content_type, response.body)
+            if is_retryable_status(status) and attempt < policy.max_attempts:
+                wait = server_wait(status, response.headers.get("Retry-After"), problem)
+                if wait is not None:
+                    error = self._error(response, retry_after=wait)
+                    assert isinstance(error, RateLimitError | ServerError)
+                    self._pause.extend(wait, error)
+                    if wait > policy.max_delay:
+                        raise _token_error(status, problem, text, attempt) from error
+                else:
+                    await self._sleep(backoff_delay(policy, attempt, self._rng))
+                continue
+            raise _token_error(status, problem, text, attempt)
+
+
+def _token_error(
+    status: int, problem: dict[str, Any], text: str | None, attempts: int
+) -> TokenRefreshError:
+    hint = problem.get("hint") if isinstance(problem.get("hint"), str) else None
+    title = problem.get("title") if isinstance(problem.get("title"), str) else None
+    if status in (400, 401):
+        message = f"the token endpoint refused the request ({status}"
+        message += f" {title})" if title else ")"
+        if hint:
+            message += f": {hint}"
+        message += "; the integration needs to be authorized again"
+    else:
+        message = f"the token endpoint answered {status} after {attempts} attempt(s)"
+        detail = problem.get("detail") if problem else text
+        if isinstance(detail, str) and detail:
+            message += f": {detail[:200]}"
+    return TokenRefreshError(message, status=status, hint=hint, problem=problem)
+
+
+def _make_timeout(timeout: float | aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+    if isinstance(timeout, aiohttp.ClientTimeout):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return aiohttp.ClientTimeout(total=float(timeout))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, TimeoutError) and not text:
+        return "timed out"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
