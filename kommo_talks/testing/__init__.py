@@ -1,0 +1,17 @@
+"""Test helpers: :class:`FakeKommo`, an in-process Kommo Talks API.
+
+Import it only in tests and demos (``import kommo_talks`` does not load it)::
+
+    from kommo_talks.testing import FakeKommo, Fault
+
+    async with FakeKommo(rate_limit=7) as fake:
+        fake.script("close", 503, Fault.dropped())
+        async with KommoClient(fake.url, auth=LongLivedToken(fake.token)) as client:
+            await client.close_talk(1, force=True)
+"""
+
+from ._fake import FakeKommo, FakeStats, RecordedRequest, problem_response
+from ._faults import Fault
+from ._oauth import FakeOAuth
+
+__all__ = ["FakeKommo", "FakeOAuth", "FakeStats", "Fault", "RecordedRequest", "problem_response"]
