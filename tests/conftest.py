@@ -1,0 +1,52 @@
+"""Shared fixtures: a FakeKommo on loopback, a client of it, and a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from kommo_talks import KommoClient, LongLivedToken, RetryPolicy
+from kommo_talks.testing import FakeKommo
+
+
+class FakeClock:
+    """A monotonic clock that only moves when someone sleeps on it.
+
+    Pass ``clock=fake_clock.now`` and ``sleep=fake_clock.sleep`` to the code
+    under test: waits take no real time and are recorded in ``sleeps``.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.time = start
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.time += max(0.0, seconds)
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+# Retries in tests wait milliseconds, not seconds.
+FAST_RETRY = RetryPolicy(max_attempts=5, base_delay=0.001, max_delay=1.0)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeKommo]:
+    async with FakeKommo() as server:
+        yield server
+
+
+@pytest.fixture
+async def client(fake: FakeKommo) -> AsyncIterator[KommoClient]:
+    async with KommoClient(
+        fake.url, auth=LongLivedToken(fake.token), retry=FAST_RETRY, rate_limit=None
+    ) as kommo:
+        yield kommo
