@@ -122,7 +122,8 @@ async def test_unknown_talk_raises_not_found_with_request_facts(
     assert error.problem["status"] == 404
     assert error.request_id  # the X-Request-Id header
     assert error.request_id in str(error)
-    assert "GET" in str(error) and "/api/v4/talks/999" in str(error)
+    assert "GET" in str(error)
+    assert "/api/v4/talks/999" in str(error)
 
 
 async def test_bad_token_raises_unauthorized_without_the_token(fake: FakeKommo) -> None:
@@ -173,7 +174,8 @@ async def test_html_block_page_gives_forbidden_with_truncated_detail(
     error = caught.value
     assert error.is_block
     assert error.problem == {}
-    assert error.detail is not None and "403 Forbidden" in error.detail
+    assert error.detail is not None
+    assert "403 Forbidden" in error.detail
     assert len(error.detail) <= 500
     assert fake.stats.requests == 1  # a 403 is never retried
 
@@ -421,6 +423,8 @@ async def test_one_debug_line_per_attempt_without_secrets(
 
     lines = [r.getMessage() for r in caplog.records if r.name == "kommo_talks"]
     assert len(lines) == 2
-    assert "GET /api/v4/talks/4 -> 503" in lines[0] and "attempt 1" in lines[0]
-    assert "GET /api/v4/talks/4 -> 200" in lines[1] and "attempt 2" in lines[1]
+    assert "GET /api/v4/talks/4 -> 503" in lines[0]
+    assert "attempt 1" in lines[0]
+    assert "GET /api/v4/talks/4 -> 200" in lines[1]
+    assert "attempt 2" in lines[1]
     assert fake.token not in caplog.text

@@ -1,0 +1,132 @@
+"""The strict converter: documented payload round-trip, strictness, error paths."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cattrs
+import pytest
+
+from kommo_talks import EntityRef, Talk, TalkEmbedded, converter
+from kommo_talks.converter import describe_validation_error
+
+# The response example of GET /api/v4/talks/{id} in Kommo's reference, verbatim.
+DOCUMENTED: dict[str, Any] = json.loads(
+    (Path(__file__).parent / "data" / "talk_117.json").read_text(encoding="utf-8")
+)
+
+
+def test_documented_payload_round_trips_exactly() -> None:
+    talk = converter.structure(copy.deepcopy(DOCUMENTED), Talk)
+
+    assert converter.unstructure(talk) == DOCUMENTED
+
+
+def test_documented_payload_decodes_to_typed_fields() -> None:
+    talk = converter.structure(DOCUMENTED, Talk)
+
+    assert talk == Talk(
+        talk_id=117,
+        created_at=datetime(2021, 9, 7, 12, 38, 11, tzinfo=UTC),
+        updated_at=datetime(2021, 9, 7, 17, 32, 9, tzinfo=UTC),
+        rate=0,
+        contact_id=3372695,
+        chat_id="88278e98-2b8d-4ae2-a5f0-bfab511cd621",
+        entity_id=667999637,
+        entity_type="lead",
+        is_in_work=True,
+        is_read=True,
+        origin="telegram",
+        missed_at=None,
+        account_id=17029541,
+        embedded=TalkEmbedded(
+            contacts=(EntityRef(3372695, "https://example.kommo.ru/api/v4/contacts/3372695"),),
+            leads=(EntityRef(667999637, "https://example.kommo.ru/api/v4/leads/667999637"),),
+            customers=(),
+        ),
+        self_url="https://example.kommo.ru/api/v4/talks/117",
+    )
+    assert talk.created_at.tzinfo is UTC
+
+
+def test_talk_is_frozen_and_slotted() -> None:
+    talk = converter.structure(DOCUMENTED, Talk)
+
+    with pytest.raises(AttributeError):
+        talk.rate = 5  # type: ignore[misc]
+    assert not hasattr(talk, "__dict__")
+
+
+def test_missing_embedded_and_links_give_empty_tuples_and_none() -> None:
+    payload = copy.deepcopy(DOCUMENTED)
+    del payload["_embedded"], payload["_links"]
+
+    talk = converter.structure(payload, Talk)
+
+    assert talk.embedded == TalkEmbedded((), (), ())
+    assert talk.self_url is None
+
+
+def test_missed_at_and_nullable_entity_decode() -> None:
+    payload = {**DOCUMENTED, "missed_at": 1631020000, "entity_id": None, "entity_type": None}
+
+    talk = converter.structure(payload, Talk)
+
+    assert talk.missed_at == datetime.fromtimestamp(1631020000, UTC)
+    assert (talk.entity_id, talk.entity_type) == (None, None)
+
+
+def test_unknown_entity_type_is_kept() -> None:
+    talk = converter.structure({**DOCUMENTED, "entity_type": "company"}, Talk)
+    assert talk.entity_type == "company"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("talk_id", "117"),
+        ("talk_id", True),
+        ("talk_id", 117.0),
+        ("rate", None),
+        ("is_in_work", "false"),
+        ("is_read", 1),
+        ("chat_id", None),
+        ("chat_id", 5),
+        ("origin", ["telegram"]),
+        ("created_at", "1631018291"),
+        ("created_at", True),
+        ("missed_at", 1.5),
+        ("account_id", "17029541"),
+    ],
+)
+def test_wrong_types_are_never_coerced(field: str, value: Any) -> None:
+    with pytest.raises(cattrs.ClassValidationError) as caught:
+        converter.structure({**DOCUMENTED, field: value}, Talk)
+
+    _, path = describe_validation_error(caught.value)
+    assert path == field
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (lambda p: p["_embedded"]["contacts"][0].update(id="x"), "_embedded.contacts[0].id"),
+        (lambda p: p["_embedded"].update(leads={"id": 1}), "_embedded.leads"),
+        (lambda p: p.update(_links={"self": {"href": 5}}), "_links"),
+        (lambda p: p.pop("talk_id"), "talk_id"),
+    ],
+)
+def test_nested_errors_name_the_api_path(change: Any, path: str) -> None:
+    payload = copy.deepcopy(DOCUMENTED)
+    change(payload)
+
+    with pytest.raises(cattrs.ClassValidationError) as caught:
+        converter.structure(payload, Talk)
+
+    text, first = describe_validation_error(caught.value)
+    assert first == path
+    assert path in text
