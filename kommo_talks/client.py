@@ -15,10 +15,9 @@ import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import aiohttp
-import attrs
 import cattrs
 import orjson
 from multidict import CIMultiDictProxy
@@ -65,6 +64,7 @@ _CLOSE_BODIES: Final = {
     True: orjson.dumps({"force_close": True}),
     False: orjson.dumps({"force_close": False}),
 }
+_STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {}
 _TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
 
 
@@ -75,20 +75,31 @@ def check_talk_id(talk_id: object) -> int:
     return talk_id
 
 
-@attrs.frozen
 class Response:
     """One HTTP answer, read whole (internal)."""
 
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-    method: str
-    url: str
-    #: an earlier attempt of the same call ended ambiguously (timeout, drop, 5xx)
-    after_ambiguous: bool = False
+    __slots__ = ("after_ambiguous", "body", "headers", "method", "status", "url")
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        method: str,
+        url: str,
+        after_ambiguous: bool = False,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.method = method
+        self.url = url
+        #: an earlier attempt of the same call ended ambiguously (timeout, drop, 5xx)
+        self.after_ambiguous = after_ambiguous
 
     @property
     def content_type(self) -> str | None:
+        """The Content-Type header, or None."""
         return self.headers.get("Content-Type")
 
 
@@ -136,7 +147,7 @@ class KommoClient:
         self.base_url: str = str(self._base)
         if not callable(getattr(auth, "access_token", None)):
             raise ValueError(f"auth must be LongLivedToken or OAuth2, got {type(auth).__name__}")
-        self._auth: Auth = cast(Auth, auth)
+        self._auth: Auth = auth
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise ValueError("session must be an aiohttp.ClientSession")
         if retry is None:
@@ -310,8 +321,13 @@ class KommoClient:
                 f"{type(data).__name__}, expected an object",
                 status=response.status,
             )
+        hook = _STRUCTURE_HOOKS.get(cls)
+        if hook is None:
+            # The converter's dispatch costs more than the generated hook itself:
+            # look the hook up once per class and call it directly afterwards.
+            hook = _STRUCTURE_HOOKS[cls] = converter.get_structure_hook(cls)
         try:
-            return converter.structure(data, cls)
+            return hook(data, cls)  # type: ignore[no-any-return]
         except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
             text, path = describe_validation_error(exc)
             raise DecodeError(
