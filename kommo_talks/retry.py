@@ -74,8 +74,11 @@ def backoff_delay(policy: RetryPolicy, retry_number: int, rng: random.Random) ->
 
     ``rng.uniform(0, min(max_delay, base_delay * 2 ** (retry_number - 1)))``.
     """
-    cap = min(policy.max_delay, policy.base_delay * 2.0 ** (retry_number - 1))
-    return rng.uniform(0.0, cap)
+    try:
+        grown = policy.base_delay * 2.0 ** (retry_number - 1)
+    except OverflowError:  # past retry 1024 the doubling leaves the float range
+        grown = math.inf if policy.base_delay else 0.0
+    return rng.uniform(0.0, min(policy.max_delay, grown))
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
