@@ -90,7 +90,9 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if value is None:
         return None
     value = value.strip()
-    if not value:
+    # Both forms are ASCII (RFC 9110); str.isdigit() and float() would also
+    # take other scripts' digits, and "²".isdigit() is true but float("²") raises.
+    if not value or not value.isascii():
         return None
     if value.isdigit():
         return float(value)
@@ -116,7 +118,7 @@ def _body_retry_after(problem: Mapping[str, Any]) -> float | None:
         return None
     try:
         seconds = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int beyond the float range
         return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
