@@ -1,0 +1,469 @@
+"""Many worker processes, one Kommo integration: a shared rate limit and token store in Redis.
+
+Needs the optional extra ``kommo-talks[redis]`` (redis-py); ``import
+kommo_talks`` never imports this module. Pass a ``redis.asyncio.Redis``
+client you own (and close)::
+
+    import redis.asyncio
+    from kommo_talks import KommoClient, OAuth2
+    from kommo_talks.redis import RedisRateLimiter, RedisTokenStore
+
+    r = redis.asyncio.Redis(host="redis.internal")
+    store = RedisTokenStore(r, "kommo:example:tokens")
+    limiter = RedisRateLimiter(r, "kommo:example:rate", 7)
+    auth = OAuth2(client_id, client_secret, redirect_uri, store)
+    async with KommoClient(base_url, auth=auth, rate_limit=limiter) as client:
+        ...
+
+Every process (on any host) that uses the same keys shares one limit and one
+token pair. When Redis cannot be reached, :class:`RedisUnavailableError` is
+raised: there is never a silent fall back to a per-process limit, which
+would multiply the rate by the number of processes and get the account
+blocked.
+
+Why our own Lua script for the limit: the Redis-backed limiters on PyPI
+(``limits``' moving window, ``pyrate-limiter``'s buckets,
+``redis-rate-limiters``' token bucket) answer "allowed or not" (or refill a
+bucket, which lets 2R through a rolling window), so waiters poll, and most
+take their timestamps from the client's clock. What Kommo needs is the
+in-process limiter's rule (no rolling window ever holds more than ⌊R⌋
+requests, plus a safety margin) decided on the server's clock, with a
+reserved turn for each caller, so that callers sleep exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+import redis.exceptions
+from redis.asyncio.lock import Lock
+
+from .errors import KommoError, TokenStoreError
+from .ratelimit import DEFAULT_MARGIN, window_for_rate
+from .tokens import TokenSet
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "RedisRateLimiter",
+    "RedisTokenStore",
+    "RedisUnavailableError",
+    "TokenConflictError",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class RedisUnavailableError(KommoError):
+    """Redis could not be reached, timed out, or refused a command.
+
+    Raised by :class:`RedisRateLimiter` and :class:`RedisTokenStore` instead of
+    working without Redis: no request is sent on a per-process guess of the
+    limit, and no token pair is dropped (``OAuth2`` keeps a pair it could not
+    save, and saves it again before using it). The redis-py exception is
+    chained as ``__cause__``.
+
+    Attributes:
+        operation: what was being done, e.g. ``"reserve a request slot"``.
+        key: the Redis key involved.
+    """
+
+    def __init__(self, message: str, *, operation: str, key: str) -> None:
+        self.operation = operation
+        self.key = key
+        super().__init__(message)
+
+
+class TokenConflictError(TokenStoreError):
+    """:meth:`RedisTokenStore.save` refused: the stored pair is no longer the one this store read.
+
+    Another process saved a newer pair since this store last loaded (or
+    saved) it, typically because this process held the refresh lock past its
+    timeout. Nothing was written. Load the store again and use what it holds.
+    """
+
+
+@contextlib.contextmanager
+def _redis_errors(operation: str, key: str) -> Iterator[None]:
+    """Turn redis-py's errors into :class:`RedisUnavailableError`."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise RedisUnavailableError(
+            f"Redis is unavailable, cannot {operation} (key {key!r}): {exc}",
+            operation=operation,
+            key=key,
+        ) from exc
+    except redis.exceptions.RedisError as exc:
+        raise RedisUnavailableError(
+            f"Redis refused to {operation} (key {key!r}): {type(exc).__name__}: {exc}",
+            operation=operation,
+            key=key,
+        ) from exc
+
+
+# -- the rate limiter ---------------------------------------------------------------
+
+# Reservation-based sliding window. The list at KEYS[1] holds the send times
+# handed out to the last (at most) N callers, oldest first, in microseconds of
+# the Redis server's clock. A caller's turn is the earliest time at which the
+# window holds fewer than N sends: now, or (if N are recorded) the N-th most
+# recent send time plus the window and the margin. The turn is recorded at
+# once, so the next caller queues behind it: everybody sleeps exactly once,
+# nobody polls, and callers are served in the order they reached Redis.
+_RESERVE_SCRIPT: Final = """
+-- KEYS[1]: the list of reserved send times (microseconds, oldest first)
+-- ARGV[1]: N, requests allowed per window
+-- ARGV[2]: the window plus the margin, in microseconds
+-- Returns the microseconds the caller must wait before sending (0: send now).
+
+-- TIME is not deterministic: Redis < 5 must replicate effects, not the script.
+if redis.replicate_commands then redis.replicate_commands() end
+
+local n = tonumber(ARGV[1])
+local span = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+
+local sent = redis.call('LRANGE', KEYS[1], -n, -1)
+local turn = now
+if #sent > 0 then
+  -- Never before the latest turn: keeps the list ordered even if the
+  -- server's clock steps back.
+  turn = math.max(turn, tonumber(sent[#sent]))
+end
+if #sent >= n then
+  -- The window already holds N sends: wait for the oldest to leave it.
+  turn = math.max(turn, tonumber(sent[#sent - n + 1]) + span)
+end
+
+-- '%.0f': Lua turns large numbers into strings as '1.7e+15', losing digits.
+redis.call('RPUSH', KEYS[1], string.format('%.0f', turn))
+redis.call('LTRIM', KEYS[1], -n, -1)
+-- Once the last turn is a full span old, the list says nothing: let it expire.
+redis.call('PEXPIRE', KEYS[1], math.ceil((turn - now + span) / 1000) + 1)
+return turn - now
+"""
+
+
+class RedisRateLimiter:
+    """At most ``rate`` requests in any rolling window, across every process using ``key``.
+
+    The same rule and margin as :class:`~kommo_talks.SlidingWindowRateLimiter`
+    (a rate R ≥ 1 allows ⌊R⌋ requests per rolling second, R < 1 one request
+    every 1/R s), decided atomically by a Lua script on the Redis server with
+    the server's clock (``TIME``), so client clocks do not matter. Each
+    :meth:`acquire` is one round trip that reserves the caller's turn and
+    returns how long to sleep until it: no polling, first come first served.
+    The key expires once idle for a window.
+
+    Args:
+        redis: a ``redis.asyncio.Redis`` client (not closed by this class).
+        key: the Redis key of the limit; every process sharing one Kommo
+            integration must use the same key and rate.
+        rate: requests per second (Kommo: 7).
+        margin: seconds added to the window, as in the in-process limiter.
+
+    A task cancelled while it sleeps leaves its turn unused: the limit is
+    then not reached in that window, never exceeded.
+
+    Raises:
+        TypeError, ValueError: ``rate`` is not a positive number, or
+            ``margin`` is negative.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        key: str,
+        rate: float,
+        *,
+        margin: float = DEFAULT_MARGIN,
+    ) -> None:
+        size, window = window_for_rate(rate)
+        if not math.isfinite(margin) or margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin!r}")
+        self.key = key
+        """The Redis key of the shared limit."""
+        self.rate = float(rate)
+        """Requests per second."""
+        self._redis = redis
+        self._size = size
+        self._span_us = round((window + margin) * 1_000_000)
+        self._script = redis.register_script(_RESERVE_SCRIPT)
+
+    def __repr__(self) -> str:
+        return f"RedisRateLimiter(key={self.key!r}, rate={self.rate:g})"
+
+    async def acquire(self) -> None:
+        """Wait for this caller's turn in the shared window.
+
+        Raises:
+            RedisUnavailableError: Redis could not be asked (nothing may be sent).
+        """
+        delay = await self.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def reserve(self) -> float:
+        """Take the next turn in the shared window; return the seconds until it.
+
+        The turn is taken whether or not the caller waits for it: use
+        :meth:`acquire` unless you schedule the send yourself.
+
+        Raises:
+            RedisUnavailableError: Redis could not be asked.
+        """
+        with _redis_errors("reserve a request slot", self.key):
+            wait_us = await self._script(keys=[self.key], args=[self._size, self._span_us])
+        return max(0, int(wait_us)) / 1_000_000
+
+
+# -- the token store ----------------------------------------------------------------
+
+# Compare-and-set of the stored pair: replace it only if it still holds what
+# the caller last read.
+_SAVE_SCRIPT: Final = """
+-- KEYS[1]: the token pair (JSON, TokenSet.to_json)
+-- ARGV[1]: the new pair (JSON)
+-- ARGV[2]: what the key must hold: 'any', 'empty', or 'token' (a pair with
+--          the refresh token ARGV[3])
+-- Returns 1 when stored, 0 when the key holds something else (nothing written).
+local current = redis.call('GET', KEYS[1])
+if current and ARGV[2] ~= 'any' then
+  if ARGV[2] == 'empty' then
+    return 0
+  end
+  local ok, stored = pcall(cjson.decode, current)
+  if not ok or type(stored) ~= 'table' or stored['refresh_token'] ~= ARGV[3] then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class _Seen(enum.Enum):
+    UNKNOWN = "unknown"
+
+
+# The store has not read its key yet (or read something corrupt): see RedisTokenStore.save.
+_UNKNOWN: Final = _Seen.UNKNOWN
+
+# Seconds between two tries of a refresh lock that another process holds.
+# Refreshes are rare (about once a day per account): 50 ms costs nothing.
+_LOCK_POLL_INTERVAL = 0.05
+
+
+class RedisTokenStore:
+    """A :class:`~kommo_talks.TokenStore` in Redis, shared by every process on every host.
+
+    The pair is kept under ``key`` as the JSON object of
+    :meth:`TokenSet.to_json <kommo_talks.TokenSet.to_json>` (so it can be
+    seeded with ``redis-cli SET``). ``OAuth2`` serialises refreshes across
+    processes with :meth:`refresh_lock`, a Redis lock at ``<key>:lock``.
+
+    :meth:`save` is a compare-and-set run on the server: it replaces the
+    stored pair only if the key still holds the pair this store instance last
+    loaded or saved, i.e. the one whose refresh token was just exchanged. So
+    a process whose lock expired while its refresh was in flight can never
+    overwrite the newer pair of the process that took the lock over: its save
+    raises :class:`TokenConflictError` and it re-loads. A save into an empty
+    key always succeeds; a store instance that has not read the key yet
+    replaces whatever it holds (how ``OAuth2.exchange_code`` recovers from a
+    revoked or corrupt pair).
+
+    Args:
+        redis: a ``redis.asyncio.Redis`` client (not closed by this class).
+        key: the Redis key of the pair.
+        lock_timeout: seconds the refresh lock lives unless renewed. The
+            holder renews it every ``lock_timeout / 3`` s while it holds it,
+            so it only expires if the holder stalls (a frozen or cut-off
+            process). Set it above the token endpoint's timeout times its attempts.
+
+    Remaining risk: a holder that stalls longer than ``lock_timeout`` with its
+    refresh request already sent lets a second process exchange the same
+    refresh token. Only one resulting pair is ever stored (the compare-and-set),
+    but whether Kommo accepts the second exchange, and keeps the first
+    pair's tokens alive, is Kommo's rule: under strict rotation one of the two
+    processes gets a ``TokenRefreshError``.
+
+    Raises (every method):
+        RedisUnavailableError: Redis could not be reached or refused a command.
+    """
+
+    def __init__(self, redis: Redis, key: str, *, lock_timeout: float = 60.0) -> None:
+        if not math.isfinite(lock_timeout) or lock_timeout <= 0:
+            raise ValueError(
+                f"lock_timeout must be a positive number of seconds, got {lock_timeout!r}"
+            )
+        self.key = key
+        """The Redis key of the pair."""
+        self.lock_key = f"{key}:lock"
+        """The Redis key of the refresh lock."""
+        self.lock_timeout = float(lock_timeout)
+        """Seconds the refresh lock lives unless renewed."""
+        self._redis = redis
+        self._save_script = redis.register_script(_SAVE_SCRIPT)
+        # The refresh token of the pair last read or written, None for an
+        # empty key, _UNKNOWN before the first read (or after a corrupt one).
+        self._seen: str | _Seen | None = _UNKNOWN
+        self._task_lock: asyncio.Lock | None = None
+        self._task_lock_loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisTokenStore(key={self.key!r})"
+
+    async def load(self) -> TokenSet | None:
+        """Return the stored pair, or ``None`` if the key holds none.
+
+        Raises:
+            TokenStoreError: the key holds something that is not a token pair;
+                the message never contains a token.
+            RedisUnavailableError: Redis could not be reached.
+        """
+        with _redis_errors("load the token pair", self.key):
+            raw: Any = await self._redis.get(self.key)
+        if raw is None:
+            self._seen = None
+            return None
+        try:
+            tokens = TokenSet.from_json(json.loads(raw))
+        except json.JSONDecodeError:
+            # `from None`: the JSONDecodeError keeps the whole text (the tokens) in `.doc`.
+            self._seen = _UNKNOWN
+            raise self._corrupt("not valid JSON") from None
+        except ValueError as exc:  # not UTF-8, or not a token record
+            self._seen = _UNKNOWN
+            # Safe to quote: TokenSet.from_json never puts a token in its messages.
+            problem = str(exc) if not isinstance(exc, UnicodeDecodeError) else "not UTF-8 text"
+            raise self._corrupt(problem) from None
+        self._seen = tokens.refresh_token
+        return tokens
+
+    async def save(self, tokens: TokenSet) -> None:
+        """Store ``tokens`` if the key still holds the pair this store last read or wrote.
+
+        Raises:
+            TokenConflictError: another process stored a different pair since;
+                nothing was written. Load again.
+            RedisUnavailableError: Redis could not be reached; nothing is known
+                to be written.
+        """
+        seen = self._seen
+        if seen is _UNKNOWN:
+            expect, token = "any", ""
+        elif seen is None:
+            expect, token = "empty", ""
+        else:
+            expect, token = "token", seen
+        document = json.dumps(tokens.to_json(), separators=(",", ":"))
+        with _redis_errors("save the token pair", self.key):
+            stored = await self._save_script(keys=[self.key], args=[document, expect, token])
+        if not stored:
+            raise TokenConflictError(
+                f"token pair in Redis key {self.key!r} was replaced by another process "
+                "since this one read it; nothing was saved: load it again"
+            )
+        self._seen = tokens.refresh_token
+
+    @contextlib.asynccontextmanager
+    async def refresh_lock(self) -> AsyncIterator[None]:
+        """Hold the refresh lock that every process using this key respects.
+
+        Tasks of this process queue on an ``asyncio.Lock`` first, so only one
+        of them at a time waits for the Redis lock (``<key>:lock``, redis-py's
+        :class:`~redis.asyncio.lock.Lock`, tried every 50 ms). While held, a
+        background task renews it every ``lock_timeout / 3`` seconds; leaving
+        the block (by any exception or cancellation too) releases it. If the
+        lock expired meanwhile, that is logged as a warning on the
+        ``kommo_talks.redis`` logger, and :meth:`save` protects the pair.
+        Not reentrant.
+
+        Raises:
+            RedisUnavailableError: Redis could not be reached to take the lock.
+        """
+        task_lock = self._get_task_lock()
+        async with task_lock:
+            lock = Lock(
+                self._redis,
+                self.lock_key,
+                timeout=self.lock_timeout,
+                sleep=_LOCK_POLL_INTERVAL,
+                thread_local=False,
+            )
+            token = uuid.uuid4().hex
+            try:
+                with _redis_errors("take the refresh lock", self.lock_key):
+                    await lock.acquire(token=token)
+            except asyncio.CancelledError:
+                # The SET may have reached Redis before the cancellation: give it back
+                # rather than leave every process waiting for the timeout.
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    await lock.do_release(token.encode())
+                raise
+            renewer = asyncio.create_task(self._keep_renewing(lock))
+            try:
+                yield
+            finally:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+                await self._release(lock)
+
+    async def _keep_renewing(self, lock: Lock) -> None:
+        interval = self.lock_timeout / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await lock.reacquire()
+            except redis.exceptions.LockNotOwnedError:
+                logger.warning(
+                    "refresh lock %r expired before it was renewed (this process stalled "
+                    "for over %g s?); another process may refresh too: the "
+                    "compare-and-set save keeps the newer pair",
+                    self.lock_key,
+                    self.lock_timeout,
+                )
+                return
+            except redis.exceptions.RedisError as exc:
+                # Keep trying: Redis may be back before the lock expires.
+                logger.warning("cannot renew refresh lock %r: %s", self.lock_key, exc)
+
+    async def _release(self, lock: Lock) -> None:
+        try:
+            await lock.release()
+        except redis.exceptions.LockNotOwnedError:
+            logger.warning("refresh lock %r had expired before it was released", self.lock_key)
+        except redis.exceptions.RedisError as exc:
+            # Not raised: the pair is saved (or not) already, and the lock frees
+            # itself after lock_timeout.
+            logger.warning(
+                "cannot release refresh lock %r (it expires in at most %g s): %s",
+                self.lock_key,
+                self.lock_timeout,
+                exc,
+            )
+
+    def _get_task_lock(self) -> asyncio.Lock:
+        # One asyncio.Lock per event loop: a lock is bound to the loop it waited in.
+        loop = asyncio.get_running_loop()
+        if self._task_lock is None or self._task_lock_loop is not loop:
+            self._task_lock = asyncio.Lock()
+            self._task_lock_loop = loop
+        return self._task_lock
+
+    def _corrupt(self, problem: str) -> TokenStoreError:
+        return TokenStoreError(
+            f"Redis key {self.key!r} does not hold a token pair: {problem}. Fix or delete "
+            "it, or authorize again (OAuth2.exchange_code replaces it)"
+        )

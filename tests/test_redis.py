@@ -1,0 +1,587 @@
+"""kommo_talks.redis against a real redis-server: the shared limiter and the token store.
+
+Cross-process behaviour (OS processes sharing a limiter, one refresh among
+many processes) is in ``test_multiprocess.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis_server import RedisServer, running_redis_server
+
+from kommo_talks import KommoClient, LongLivedToken, RetryPolicy
+from kommo_talks.errors import KommoError, TokenStoreError
+from kommo_talks.ratelimit import DEFAULT_MARGIN, RateLimiter
+from kommo_talks.redis import (
+    RedisRateLimiter,
+    RedisTokenStore,
+    RedisUnavailableError,
+    TokenConflictError,
+)
+from kommo_talks.stores import TokenStore
+from kommo_talks.testing import FakeKommo
+from kommo_talks.tokens import TokenSet
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+OLD = TokenSet("ACCESS-1-secret", "REFRESH-1-secret", NOW + timedelta(days=1))
+NEW = TokenSet("ACCESS-2-secret", "REFRESH-2-secret", NOW + timedelta(days=2))
+OTHER = TokenSet("ACCESS-3-secret", "REFRESH-3-secret", NOW + timedelta(days=3))
+# Upper bound for waits that end as soon as the awaited thing happens.
+BOUND = 10.0
+# Scheduling slack of a turn measured on the client (2 shared CI cores).
+SLACK = 0.05
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with running_redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+async def r(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def r2(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    """A second connection, as another process would have."""
+    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test alone, which it may stop or pause."""
+    with running_redis_server(tmp_path) as server:
+        yield server
+
+
+def fast_failing_client(server: RedisServer) -> redis.asyncio.Redis:
+    # redis-py retries a lost connection 10 times by default (a few seconds):
+    # the tests want the error at once.
+    return redis.asyncio.Redis(
+        host="127.0.0.1",
+        port=server.port,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+# -- packaging ----------------------------------------------------------------------
+
+
+def test_importing_kommo_talks_does_not_import_redis() -> None:
+    code = "import sys, kommo_talks; assert 'redis' not in sys.modules, 'redis was imported'"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_redis_pieces_satisfy_the_protocols(r: redis.asyncio.Redis) -> None:
+    assert isinstance(RedisRateLimiter(r, "k", 7), RateLimiter)
+    assert isinstance(RedisTokenStore(r, "k"), TokenStore)
+    assert issubclass(RedisUnavailableError, KommoError)
+    assert issubclass(TokenConflictError, TokenStoreError)
+
+
+# -- the rate limiter: turns ----------------------------------------------------------
+
+
+def expected_turns(count: int, per_window: int, span: float) -> list[float]:
+    """The turn of each of ``count`` callers arriving at once: a span per ``per_window``."""
+    return [(k // per_window) * span for k in range(count)]
+
+
+async def test_turns_are_a_window_plus_margin_apart(r: redis.asyncio.Redis) -> None:
+    limiter = RedisRateLimiter(r, "rate", 7)
+    waits = [await limiter.reserve() for _ in range(21)]
+    span = 1.0 + DEFAULT_MARGIN
+    for wait, expected in zip(waits, expected_turns(21, 7, span), strict=True):
+        assert expected - SLACK <= wait <= expected + 0.001
+    # Turns only move forward, so a later caller never overtakes an earlier one.
+    assert all(b >= a - SLACK for a, b in itertools.pairwise(waits))
+
+
+@pytest.mark.parametrize(
+    ("rate", "per_window", "span"),
+    [(7.9, 7, 1.0), (1, 1, 1.0), (0.5, 1, 2.0), (2.5, 2, 1.0)],
+)
+async def test_fractional_rates_follow_the_in_process_rule(
+    r: redis.asyncio.Redis, rate: float, per_window: int, span: float
+) -> None:
+    limiter = RedisRateLimiter(r, "rate", rate)
+    count = 2 * per_window + 1
+    waits = [await limiter.reserve() for _ in range(count)]
+    expected = expected_turns(count, per_window, span + DEFAULT_MARGIN)
+    for wait, turn in zip(waits, expected, strict=True):
+        assert turn - SLACK <= wait <= turn + 0.001
+
+
+async def test_the_margin_is_configurable(r: redis.asyncio.Redis) -> None:
+    limiter = RedisRateLimiter(r, "rate", 2, margin=0.25)
+    waits = [await limiter.reserve() for _ in range(3)]
+    assert waits[2] == pytest.approx(1.25, abs=SLACK)
+
+
+async def test_limiters_on_one_key_share_the_window(
+    r: redis.asyncio.Redis, r2: redis.asyncio.Redis
+) -> None:
+    first, second = RedisRateLimiter(r, "shared", 3), RedisRateLimiter(r2, "shared", 3)
+    other = RedisRateLimiter(r2, "other", 3)
+    waits = [await (first if k % 2 else second).reserve() for k in range(6)]
+    assert waits[:3] == pytest.approx([0, 0, 0], abs=SLACK)
+    assert waits[3:] == pytest.approx([1.01, 1.01, 1.01], abs=SLACK)
+    assert await other.reserve() == 0  # another key, another limit
+
+
+async def test_idle_key_expires_once_its_turns_are_a_window_old(r: redis.asyncio.Redis) -> None:
+    limiter = RedisRateLimiter(r, "rate", 2)
+    await limiter.reserve()
+    assert 0 < await r.pttl("rate") <= 1012
+    for _ in range(4):
+        await limiter.reserve()
+    # The last turn is ~2.02 s ahead; the key lives a span after it.
+    assert 2900 < await r.pttl("rate") <= 3033
+
+
+async def test_turns_use_the_servers_clock_not_the_callers(r: redis.asyncio.Redis) -> None:
+    limiter = RedisRateLimiter(r, "rate", 1)
+    await limiter.reserve()
+    seconds, micros = await r.time()
+    stored = [int(v) for v in await r.lrange("rate", 0, -1)]
+    server_now = seconds * 1_000_000 + micros
+    assert 0 <= server_now - stored[0] < 1_000_000
+
+
+def test_limiter_rejects_bad_arguments(r: redis.asyncio.Redis) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        RedisRateLimiter(r, "k", 0)
+    with pytest.raises(TypeError):
+        RedisRateLimiter(r, "k", True)
+    with pytest.raises(ValueError, match="margin"):
+        RedisRateLimiter(r, "k", 7, margin=-0.1)
+    assert repr(RedisRateLimiter(r, "k", 7)) == "RedisRateLimiter(key='k', rate=7)"
+
+
+# -- the rate limiter: real requests ------------------------------------------------------
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most of ``times`` inside any half-open window of ``window`` seconds."""
+    times = sorted(times)
+    best, start = 0, 0
+    for end, at in enumerate(times):
+        while times[start] <= at - window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+async def test_many_tasks_of_many_clients_never_exceed_the_limit(
+    redis_server: RedisServer,
+) -> None:
+    rate, per_client, clients = 7, 7, 3
+    async with FakeKommo(rate_limit=rate, rate_window=0.95) as fake:
+        connections = [
+            redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port) for _ in range(clients)
+        ]
+        await connections[0].delete("kommo:rate")
+        kommos = [
+            KommoClient(
+                fake.url,
+                auth=LongLivedToken(fake.token),
+                retry=RetryPolicy(max_attempts=1),
+                rate_limit=RedisRateLimiter(connection, "kommo:rate", rate),
+            )
+            for connection in connections
+        ]
+        try:
+            started = time.monotonic()
+            async with asyncio.timeout(BOUND):
+                await asyncio.gather(
+                    *(
+                        kommo.close_talk(c * per_client + k + 1, force=True)
+                        for c, kommo in enumerate(kommos)
+                        for k in range(per_client)
+                    )
+                )
+            elapsed = time.monotonic() - started
+        finally:
+            for kommo in kommos:
+                await kommo.close()
+            for connection in connections:
+                await connection.aclose()
+        arrivals = [request.at for request in fake.requests]
+    assert fake.stats.throttled == 0
+    assert len(arrivals) == rate * clients
+    # Measured at the server: no rolling second held more than the limit,
+    # and none of the 0.95 s windows the fake enforces either.
+    assert max_in_window(arrivals, 1.0) <= rate
+    # ...and the limit is used, not wasted: 21 requests at 7/s take 2 windows.
+    assert 2 * (1 + DEFAULT_MARGIN) - SLACK <= elapsed <= 2 * (1 + DEFAULT_MARGIN) + 0.5
+
+
+# -- the rate limiter: Redis down -------------------------------------------------------
+
+
+async def test_limiter_raises_naming_redis_when_it_is_down(own_server: RedisServer) -> None:
+    client = fast_failing_client(own_server)
+    try:
+        limiter = RedisRateLimiter(client, "rate", 7)
+        await limiter.acquire()
+        own_server.stop()
+        with pytest.raises(RedisUnavailableError, match="Redis is unavailable") as caught:
+            await limiter.acquire()
+        assert caught.value.key == "rate"
+        assert caught.value.operation == "reserve a request slot"
+        assert isinstance(caught.value.__cause__, redis.exceptions.ConnectionError)
+    finally:
+        await client.aclose()
+
+
+async def test_client_sends_nothing_while_redis_is_down(own_server: RedisServer) -> None:
+    client = fast_failing_client(own_server)
+    try:
+        async with FakeKommo() as fake:
+            limiter = RedisRateLimiter(client, "rate", 7)
+            async with KommoClient(
+                fake.url, auth=LongLivedToken(fake.token), rate_limit=limiter
+            ) as kommo:
+                await kommo.close_talk(1, force=True)
+                own_server.stop()
+                with pytest.raises(RedisUnavailableError):
+                    await kommo.close_talk(2, force=True)
+            assert fake.stats.requests == 1  # no fall back to an unlimited send
+            assert fake.is_open(2)
+    finally:
+        await client.aclose()
+
+
+# -- the token store -----------------------------------------------------------------------
+
+
+async def test_store_round_trips_a_pair_as_readable_json(r: redis.asyncio.Redis) -> None:
+    store = RedisTokenStore(r, "tokens")
+    assert await store.load() is None
+    await store.save(OLD)
+    assert await store.load() == OLD
+    assert await RedisTokenStore(r, "tokens").load() == OLD
+    assert json.loads(await r.get("tokens")) == OLD.to_json()
+    assert repr(store) == "RedisTokenStore(key='tokens')"
+
+
+async def test_store_reads_a_pair_seeded_by_hand(r: redis.asyncio.Redis) -> None:
+    await r.set("tokens", json.dumps(OLD.to_json(), indent=2))
+    assert await RedisTokenStore(r, "tokens").load() == OLD
+
+
+async def test_store_works_with_decoded_responses(redis_server: RedisServer) -> None:
+    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
+    try:
+        await client.delete("tokens")
+        store = RedisTokenStore(client, "tokens")
+        await store.save(OLD)
+        assert await store.load() == OLD
+        await store.save(NEW)
+        async with store.refresh_lock():
+            assert await store.load() == NEW
+    finally:
+        await client.aclose()
+
+
+async def test_corrupt_value_raises_without_quoting_it(r: redis.asyncio.Redis) -> None:
+    store = RedisTokenStore(r, "tokens")
+    for value in (
+        b"{not json REFRESH-1-secret",
+        b"\xff\xfe",
+        b'{"access_token": "ACCESS-1-secret"}',
+    ):
+        await r.set("tokens", value)
+        with pytest.raises(TokenStoreError, match="'tokens' does not hold a token pair") as caught:
+            await store.load()
+        assert "secret" not in str(caught.value)
+        assert caught.value.__suppress_context__  # tracebacks never show the value
+
+
+async def test_save_into_an_empty_key_always_succeeds(r: redis.asyncio.Redis) -> None:
+    store = RedisTokenStore(r, "tokens")
+    await store.save(OLD)  # never read
+    await r.delete("tokens")
+    await store.save(NEW)  # read (and written) before, now empty
+    assert await store.load() == NEW
+
+
+async def test_save_refuses_when_another_process_saved_since(
+    r: redis.asyncio.Redis, r2: redis.asyncio.Redis
+) -> None:
+    mine, theirs = RedisTokenStore(r, "tokens"), RedisTokenStore(r2, "tokens")
+    await mine.save(OLD)
+    assert await mine.load() == OLD
+    assert await theirs.load() == OLD
+    await theirs.save(OTHER)  # they exchanged OLD's refresh token first
+    with pytest.raises(TokenConflictError, match="replaced by another process") as caught:
+        await mine.save(NEW)
+    assert "secret" not in str(caught.value)
+    assert await theirs.load() == OTHER  # nothing overwritten
+    # Having re-loaded, this store saves on top of what it read.
+    assert await mine.load() == OTHER
+    await mine.save(NEW)
+    assert await theirs.load() == NEW
+
+
+async def test_save_after_reading_an_empty_key_refuses_a_filled_one(
+    r: redis.asyncio.Redis, r2: redis.asyncio.Redis
+) -> None:
+    mine, theirs = RedisTokenStore(r, "tokens"), RedisTokenStore(r2, "tokens")
+    assert await mine.load() is None
+    await theirs.save(OTHER)
+    with pytest.raises(TokenConflictError):
+        await mine.save(NEW)
+    assert await theirs.load() == OTHER
+
+
+async def test_save_refuses_when_the_key_was_corrupted_since(r: redis.asyncio.Redis) -> None:
+    store = RedisTokenStore(r, "tokens")
+    await store.save(OLD)
+    await r.set("tokens", b"garbage")
+    with pytest.raises(TokenConflictError):
+        await store.save(NEW)
+    assert await r.get("tokens") == b"garbage"
+
+
+async def test_a_store_that_has_not_read_the_key_replaces_anything(r: redis.asyncio.Redis) -> None:
+    # How OAuth2.exchange_code recovers from a corrupt or revoked pair.
+    await r.set("tokens", b"garbage")
+    await RedisTokenStore(r, "tokens").save(NEW)
+    assert await RedisTokenStore(r, "tokens").load() == NEW
+    # A store that read something corrupt is back to "not read".
+    store = RedisTokenStore(r, "tokens")
+    await store.load()
+    await r.set("tokens", b"garbage")
+    with pytest.raises(TokenStoreError):
+        await store.load()
+    await store.save(OLD)
+    assert await store.load() == OLD
+
+
+def test_store_rejects_a_bad_lock_timeout(r: redis.asyncio.Redis) -> None:
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lock_timeout"):
+            RedisTokenStore(r, "tokens", lock_timeout=bad)
+
+
+# -- the refresh lock ------------------------------------------------------------------------
+
+
+async def test_refresh_lock_excludes_other_holders(
+    r: redis.asyncio.Redis, r2: redis.asyncio.Redis
+) -> None:
+    mine, theirs = RedisTokenStore(r, "tokens"), RedisTokenStore(r2, "tokens")
+    events: list[str] = []
+    entered = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def hold() -> None:
+        async with mine.refresh_lock():
+            events.append("mine in")
+            entered.set()
+            await leave.wait()
+            events.append("mine out")
+
+    async def contend() -> None:
+        await entered.wait()
+        async with theirs.refresh_lock():
+            events.append("theirs in")
+
+    async with asyncio.timeout(BOUND):
+        holder = asyncio.create_task(hold())
+        contender = asyncio.create_task(contend())
+        await entered.wait()
+        assert await r.exists("tokens:lock")
+        await asyncio.sleep(0.2)  # the contender polls meanwhile
+        assert events == ["mine in"]
+        leave.set()
+        await asyncio.gather(holder, contender)
+    assert events == ["mine in", "mine out", "theirs in"]
+    assert not await r.exists("tokens:lock")
+
+
+async def test_refresh_lock_serialises_tasks_of_one_process(r: redis.asyncio.Redis) -> None:
+    store = RedisTokenStore(r, "tokens")
+    inside = 0
+    most = 0
+
+    async def hold() -> None:
+        nonlocal inside, most
+        async with store.refresh_lock():
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.01)
+            inside -= 1
+
+    async with asyncio.timeout(BOUND):
+        await asyncio.gather(*(hold() for _ in range(5)))
+    assert most == 1
+
+
+async def test_refresh_lock_is_renewed_while_held(
+    r: redis.asyncio.Redis, r2: redis.asyncio.Redis
+) -> None:
+    lock_timeout = 0.2
+    mine = RedisTokenStore(r, "tokens", lock_timeout=lock_timeout)
+    theirs = RedisTokenStore(r2, "tokens", lock_timeout=lock_timeout)
+    renewals = 0
+    contender_in = asyncio.Event()
+
+    async def contend() -> None:
+        async with theirs.refresh_lock():
+            contender_in.set()
+
+    async with asyncio.timeout(BOUND):
+        async with mine.refresh_lock():
+            token = await r.get("tokens:lock")
+            contender = asyncio.create_task(contend())
+            # Hold for 5 lock timeouts, measured by renewals seen, not by sleeping:
+            # each renewal puts the time to live back up to lock_timeout.
+            last = await r.pttl("tokens:lock")
+            while renewals < 15:
+                ttl = await r.pttl("tokens:lock")
+                assert ttl > 0, "the lock expired while held"
+                assert await r.get("tokens:lock") == token
+                if ttl > last:
+                    renewals += 1
+                last = ttl
+                await asyncio.sleep(0.005)
+            assert not contender_in.is_set()
+        await asyncio.wait_for(contender_in.wait(), BOUND)
+        await contender
+
+
+async def test_refresh_lock_is_released_on_error_and_cancellation(r: redis.asyncio.Redis) -> None:
+    store = RedisTokenStore(r, "tokens")
+    with pytest.raises(ZeroDivisionError):
+        async with store.refresh_lock():
+            1 / 0  # noqa: B018
+    assert not await r.exists("tokens:lock")
+
+    entered = asyncio.Event()
+
+    async def hold_forever() -> None:
+        async with store.refresh_lock():
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(hold_forever())
+    await asyncio.wait_for(entered.wait(), BOUND)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not await r.exists("tokens:lock")
+    async with asyncio.timeout(BOUND), store.refresh_lock():
+        pass
+
+
+async def test_cancelled_waiter_takes_no_lock(
+    r: redis.asyncio.Redis, r2: redis.asyncio.Redis
+) -> None:
+    mine, theirs = RedisTokenStore(r, "tokens"), RedisTokenStore(r2, "tokens")
+    async with mine.refresh_lock():
+        waiter = asyncio.create_task(theirs.refresh_lock().__aenter__())
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    assert not await r.exists("tokens:lock")
+
+
+async def test_holder_whose_lock_expired_cannot_overwrite_the_newer_pair(
+    r: redis.asyncio.Redis, r2: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stalled-holder case: the lock is lost, the compare-and-set still protects."""
+    lock_timeout = 0.2
+    stalled = RedisTokenStore(r, "tokens", lock_timeout=lock_timeout)
+    other = RedisTokenStore(r2, "tokens", lock_timeout=lock_timeout)
+    await stalled.save(OLD)
+    caplog.set_level(logging.WARNING, logger="kommo_talks.redis")
+    async with asyncio.timeout(BOUND):
+        async with stalled.refresh_lock():
+            assert await stalled.load() == OLD
+            await r.delete("tokens:lock")  # as if it expired during a stall
+            async with other.refresh_lock():  # another process takes over
+                assert await other.load() == OLD
+                await other.save(OTHER)
+            with pytest.raises(TokenConflictError):
+                await stalled.save(NEW)  # the stalled refresh's answer arrives
+    assert await other.load() == OTHER
+    assert "expired before it was released" in caplog.text
+
+
+# -- the token store: Redis down -----------------------------------------------------------
+
+
+async def test_store_raises_naming_redis_when_it_is_down(own_server: RedisServer) -> None:
+    client = fast_failing_client(own_server)
+    try:
+        store = RedisTokenStore(client, "tokens")
+        await store.save(OLD)
+        assert await store.load() == OLD
+        own_server.stop()
+        with pytest.raises(RedisUnavailableError, match="cannot load the token pair"):
+            await store.load()
+        with pytest.raises(RedisUnavailableError, match="cannot save the token pair"):
+            await store.save(NEW)
+        with pytest.raises(RedisUnavailableError, match="cannot take the refresh lock"):
+            async with store.refresh_lock():
+                pass
+    finally:
+        await client.aclose()
+
+
+async def test_paused_redis_times_out_and_keeps_the_stored_pair(own_server: RedisServer) -> None:
+    """Redis unreachable mid-run (paused): the documented error, then nothing lost."""
+    assert own_server.process is not None
+    client = fast_failing_client(own_server)
+    try:
+        store = RedisTokenStore(client, "tokens")
+        await store.save(OLD)
+        assert await store.load() == OLD
+        os.kill(own_server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisUnavailableError) as caught:
+                await store.save(NEW)
+            assert isinstance(caught.value.__cause__, redis.exceptions.TimeoutError)
+        finally:
+            os.kill(own_server.process.pid, signal.SIGCONT)
+        # Redis is back: the pair is there, and this store may still save on top of it.
+        stored = await RedisTokenStore(client, "tokens").load()
+        assert stored in (OLD, NEW)  # the write timed out: it may or may not have happened
+        if stored == OLD:
+            await store.save(NEW)
+        assert await store.load() == NEW
+    finally:
+        await client.aclose()
