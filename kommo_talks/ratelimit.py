@@ -83,8 +83,9 @@ class SlidingWindowRateLimiter:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self._size, window = window_for_rate(rate)
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin!r}")
+        # NaN would silently switch the limit off (no wait compares > 0), inf block forever.
+        if not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
         self.rate = float(rate)
         self._span = window + margin
         self._clock = clock
