@@ -14,6 +14,7 @@ import platform
 import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
@@ -66,6 +67,14 @@ _CLOSE_BODIES: Final = {
 }
 _STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {}
 _TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
+
+#: A batch's veto on sending (see :mod:`kommo_talks.batch`), set in its worker
+#: tasks only. Every attempt of a talk request calls it with ``False`` before
+#: its waits (token, server pause, rate limiter) and with ``True`` just before
+#: the request goes on the wire; it raises to refuse, once the batch has stopped.
+send_gate: ContextVar[Callable[[bool], None] | None] = ContextVar(
+    "kommo_talks_send_gate", default=None
+)
 
 
 def check_talk_id(talk_id: object) -> int:
@@ -373,10 +382,15 @@ class KommoClient:
         attempt = 0
         ambiguous = False
         refreshed = False
+        gate = send_gate.get()
         while True:
             attempt += 1
+            if gate is not None:
+                gate(False)
             token = await auth.access_token(self)
             await self._pass_gates(method, url)
+            if gate is not None:
+                gate(True)
             started = self._clock()
             try:
                 async with session.request(
