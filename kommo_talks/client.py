@@ -450,16 +450,26 @@ class KommoClient:
             # else: the client-wide pause makes the next pass of the gates wait.
 
     async def _pass_gates(self, method: str, url: str) -> None:
-        """Wait out the client-wide server pause, then take a rate-limit slot."""
+        """Wait out the client-wide server pause, then take a rate-limit slot.
+
+        A pause that begins while the request waits for its slot is waited out
+        too, and a fresh slot is taken after it: nothing is sent during a
+        pause, and a slot taken before the wait would not match the send time.
+        """
         pause = self._pause
-        remaining = pause.remaining()
-        while remaining > 0:
-            if remaining > self.retry.max_delay:
-                raise pause.error_for(method, url, remaining)
-            await self._sleep(remaining)
+        limiter = self._limiter
+        while True:
             remaining = pause.remaining()
-        if self._limiter is not None:
-            await self._limiter.acquire()
+            while remaining > 0:
+                if remaining > self.retry.max_delay:
+                    raise pause.error_for(method, url, remaining)
+                await self._sleep(remaining)
+                remaining = pause.remaining()
+            if limiter is None:
+                return
+            await limiter.acquire()
+            if pause.remaining() <= 0:
+                return
 
     def _headers_for(self, token: str, *, post: bool) -> dict[str, str]:
         # Built once per token, not per request: the hot path reuses the dicts.
