@@ -570,7 +570,9 @@ class KommoClient:
                     )
                 return body
             problem, text = parse_problem(response.content_type, response.body)
-            if is_retryable_status(status) and attempt < policy.max_attempts:
+            if is_retryable_status(status):
+                # The server-given wait pauses the whole client even when this
+                # was the last attempt: the other calls must not send through it.
                 wait = server_wait(status, response.headers.get("Retry-After"), problem)
                 if wait is not None:
                     error = self._error(response, retry_after=wait)
@@ -578,9 +580,10 @@ class KommoClient:
                     self._pause.extend(wait, error)
                     if wait > policy.max_delay:
                         raise _token_error(status, problem, text, attempt) from error
-                else:
-                    await self._sleep(backoff_delay(policy, attempt, self._rng))
-                continue
+                if attempt < policy.max_attempts:
+                    if wait is None:
+                        await self._sleep(backoff_delay(policy, attempt, self._rng))
+                    continue
             raise _token_error(status, problem, text, attempt)
 
 
