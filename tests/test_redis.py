@@ -15,18 +15,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis_server import RedisServer, running_redis_server
 
-from kommo_talks import KommoClient, LongLivedToken, RetryPolicy
-from kommo_talks.errors import KommoError, TokenStoreError
+from kommo_talks import KommoClient, LongLivedToken, OAuth2, RetryPolicy
+from kommo_talks.errors import KommoError, TokenRefreshError, TokenStoreError
 from kommo_talks.ratelimit import DEFAULT_MARGIN, RateLimiter
 from kommo_talks.redis import (
     RedisRateLimiter,
@@ -585,3 +587,124 @@ async def test_paused_redis_times_out_and_keeps_the_stored_pair(own_server: Redi
         assert await store.load() == NEW
     finally:
         await client.aclose()
+
+
+# -- OAuth2 over a RedisTokenStore ---------------------------------------------------------
+
+
+def oauth_for(fake: FakeKommo, store: RedisTokenStore) -> OAuth2:
+    return OAuth2(fake.oauth.client_id, fake.oauth.client_secret, fake.oauth.redirect_uri, store)
+
+
+def expired(tokens: TokenSet) -> TokenSet:
+    return attrs.evolve(tokens, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll a counter of the fake (it has no event to wait on), at most BOUND seconds."""
+    async with asyncio.timeout(BOUND):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_redis_paused_during_a_refresh_loses_no_pair(own_server: RedisServer) -> None:
+    """Redis unreachable between refresh and save: the documented error, no lost rotation."""
+    assert own_server.process is not None
+    pid = own_server.process.pid
+    client = fast_failing_client(own_server)
+    try:
+        async with FakeKommo() as fake:
+            store = RedisTokenStore(client, "tokens", lock_timeout=1.0)
+            await store.save(expired(fake.oauth.issue_tokens()))
+            fake.oauth.gate = asyncio.Event()
+            async with KommoClient(fake.url, auth=oauth_for(fake, store), rate_limit=None) as kommo:
+                call = asyncio.create_task(kommo.get_talk(1))
+                await wait_until(lambda: fake.stats.by_route["token"] == 1)
+                os.kill(pid, signal.SIGSTOP)  # the refresh is in flight, under the lock
+                try:
+                    fake.oauth.gate.set()
+                    with pytest.raises(RedisUnavailableError, match="save the token pair"):
+                        await asyncio.wait_for(call, BOUND)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                assert fake.stats.by_route["get"] == 0  # the unsaved pair was never sent
+                # Redis is back: the rotated pair is stored and used, with no new refresh.
+                async with asyncio.timeout(BOUND):
+                    await kommo.get_talk(1)
+            new = fake.oauth.issued[-1]
+            assert fake.oauth.refreshes == 1
+            assert fake.requests[-1].headers["Authorization"] == f"Bearer {new.access_token}"
+            stored = await RedisTokenStore(client, "tokens").load()
+            assert stored is not None
+            assert (stored.access_token, stored.refresh_token) == (
+                new.access_token,
+                new.refresh_token,
+            )
+    finally:
+        await client.aclose()
+
+
+class StallingStore(RedisTokenStore):
+    """A RedisTokenStore whose saves wait for :attr:`resume`: a holder stalled after Kommo
+    answered its refresh."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume = asyncio.Event()
+        self.stalled = asyncio.Event()
+
+    async def save(self, tokens: TokenSet) -> None:
+        self.stalled.set()
+        await self.resume.wait()
+        await super().save(tokens)
+
+
+@pytest.mark.parametrize("stall", ["before Kommo answers", "after Kommo answers"])
+async def test_holder_stalled_past_the_lock_timeout_ends_with_the_newer_pair(
+    r: redis.asyncio.Redis, r2: redis.asyncio.Redis, stall: str
+) -> None:
+    """The remaining risk, end to end: a second exchange of one refresh token.
+
+    Only one pair is ever stored, and the stalled process adopts it on its next
+    call. Its stalled call fails: with ``TokenConflictError`` if Kommo had
+    answered it (the compare-and-set refused its pair), or with
+    ``TokenRefreshError`` ("revoked") if its request reached Kommo only after the
+    other process's pair was used (Kommo's rotation rule).
+    """
+    async with FakeKommo() as fake:
+        stalled_store = StallingStore(r, "tokens", lock_timeout=5.0)
+        other_store = RedisTokenStore(r2, "tokens", lock_timeout=5.0)
+        await other_store.save(expired(fake.oauth.issue_tokens()))
+        if stall == "before Kommo answers":
+            stalled_store.resume.set()
+            fake.oauth.gate = asyncio.Event()
+        async with (
+            KommoClient(fake.url, auth=oauth_for(fake, stalled_store), rate_limit=None) as stalled,
+            KommoClient(fake.url, auth=oauth_for(fake, other_store), rate_limit=None) as other,
+        ):
+            call = asyncio.create_task(stalled.get_talk(1))
+            async with asyncio.timeout(BOUND):
+                if fake.oauth.gate is not None:
+                    await wait_until(lambda: fake.stats.by_route["token"] == 1)
+                else:
+                    await stalled_store.stalled.wait()
+                await r.delete("tokens:lock")  # as if the holder had stalled past lock_timeout
+                if fake.oauth.gate is not None:
+                    # Only the stalled request waits at the gate: it is already in.
+                    gate, fake.oauth.gate = fake.oauth.gate, None
+                    await other.get_talk(2)  # exchanges the same token, uses the new pair
+                    gate.set()
+                    with pytest.raises(TokenRefreshError, match="revoked"):
+                        await call
+                else:
+                    await other.get_talk(2)  # takes the lock, exchanges the same token
+                    stalled_store.resume.set()
+                    with pytest.raises(TokenConflictError):
+                        await call
+                await stalled.get_talk(3)  # re-loads and uses the other process's pair
+        stored = await other_store.load()
+        assert stored is not None
+        assert fake.oauth.refreshes == (1 if stall == "before Kommo answers" else 2)
+        assert [request.headers["Authorization"] for request in fake.requests[-2:]] == [
+            f"Bearer {stored.access_token}"
+        ] * 2
