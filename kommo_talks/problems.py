@@ -53,7 +53,7 @@ def parse_problem(content_type: str | None, body: bytes) -> tuple[dict[str, Any]
     the body's first :data:`DETAIL_LIMIT` characters when it is not a JSON
     object (an HTML page, say), else ``None``.
     """
-    if content_type and "json" in content_type:
+    if content_type and "json" in content_type.lower():  # media types ignore case
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
