@@ -407,11 +407,14 @@ class KommoClient:
                         raw.status, raw.headers, await raw.read(), method, url, ambiguous
                     )
             except Exception as exc:
-                if not is_retryable_exception(exc):
+                # A connection failure that retrying cannot heal (TLS verification)
+                # still ends as a TransportError, at once; anything else is a bug.
+                retryable = is_retryable_exception(exc)
+                if not retryable and not isinstance(exc, aiohttp.ClientError):
                     raise
                 self._log(method, url, type(exc).__name__, started, attempt)
                 ambiguous = True
-                if attempt >= policy.max_attempts:
+                if not retryable or attempt >= policy.max_attempts:
                     raise TransportError(
                         f"{method} {url} failed after {attempt} attempt(s): {_describe(exc)}",
                         request_method=method,
@@ -548,10 +551,11 @@ class KommoClient:
                 ) as raw:
                     response = Response(raw.status, raw.headers, await raw.read(), method, url)
             except Exception as exc:
-                if not is_retryable_exception(exc):
+                retryable = is_retryable_exception(exc)
+                if not retryable and not isinstance(exc, aiohttp.ClientError):
                     raise
                 self._log(method, url, type(exc).__name__, started, attempt)
-                if attempt >= policy.max_attempts:
+                if not retryable or attempt >= policy.max_attempts:
                     raise TokenRefreshError(
                         f"the token endpoint could not be reached after {attempt} attempt(s): "
                         f"{_describe(exc)}"
