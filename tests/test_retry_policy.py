@@ -145,6 +145,19 @@ def test_retry_after_as_an_http_date_counts_from_now() -> None:
     assert parse_retry_after(header, NOW) == 90.0
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Fri, 27 Nov 2026 12:01:30 GMT",  # IMF-fixdate
+        "Friday, 27-Nov-26 12:01:30 GMT",  # RFC 850 (obsolete, still to be accepted)
+        "Fri Nov 27 12:01:30 2026",  # asctime
+        "Fri, 27 Nov 2026 14:01:30 +0200",  # a zone other than GMT
+    ],
+)
+def test_retry_after_accepts_every_http_date_form(header: str) -> None:
+    assert parse_retry_after(header, NOW) == 90.0
+
+
 def test_retry_after_as_a_date_without_now_uses_the_wall_clock() -> None:
     header = http_date(datetime.now(UTC) + timedelta(seconds=60))
 
