@@ -1,0 +1,447 @@
+"""The click commands of ``kommo-talks``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO, Any, NoReturn, TypeVar
+
+import click
+import orjson
+from rich.console import Console
+
+from .._version import __version__
+from ..auth import LongLivedToken
+from ..batch import close_run
+from ..client import KommoClient
+from ..converter import converter
+from ..errors import (
+    ForbiddenError,
+    KommoError,
+    NotFoundError,
+    TransportError,
+    UnauthorizedError,
+)
+from ..models import CloseOutcome
+from ._input import InputError, collect_ids, parse_talk_id
+from ._output import BatchReport, ProgressReporter, one_line, render_summary, talk_table
+
+__all__ = ["cli"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """An error to print as one line (``error: ...``) before exiting with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def run(coroutine: Coroutine[Any, Any, int]) -> NoReturn:
+    """Run a command's coroutine and exit with its status; errors become one line."""
+    try:
+        code = asyncio.run(coroutine)
+    except CLIError as exc:
+        _fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+def cli_error(doing: str, exc: KommoError) -> CLIError:
+    """The one-line error for an SDK error, with a hint a person can act on."""
+    if isinstance(exc, TransportError):
+        return CLIError(f"{doing}: cannot reach Kommo ({exc}); check KOMMO_BASE_URL")
+    if isinstance(exc, UnauthorizedError):
+        return CLIError(
+            f"{doing}: {exc}; check KOMMO_TOKEN, or run `kommo-talks auth` for --token-file"
+        )
+    if isinstance(exc, ForbiddenError) and exc.is_block:
+        return CLIError(f"{doing}: Kommo blocks this IP or account ({exc})")
+    return CLIError(f"{doing}: {exc}")
+
+
+@contextmanager
+def api_errors(doing: str) -> Iterator[None]:
+    """Turn the SDK's errors raised inside into a :class:`CLIError` (see :func:`cli_error`)."""
+    try:
+        yield
+    except KommoError as exc:
+        raise cli_error(doing, exc) from None
+
+
+# -- credentials ---------------------------------------------------------------------------
+
+
+def _env(name: str, what: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise CLIError(f"{name} is not set ({what})", EXIT_USAGE)
+    return value
+
+
+def _base_url() -> str:
+    return _env("KOMMO_BASE_URL", "the account's address, e.g. https://example.kommo.com")
+
+
+def make_client(token_file: str | None) -> KommoClient:
+    """A client of the account named by the environment (see ``docs/cli.md``).
+
+    ``--token-file`` (OAuth2 with a ``FileTokenStore`` and the
+    ``KOMMO_CLIENT_*`` variables) wins over ``KOMMO_TOKEN`` (a long-lived token).
+    """
+    base_url = _base_url()
+    auth: Any
+    if token_file is not None:
+        from ..oauth import OAuth2
+        from ..stores import FileTokenStore
+
+        if not os.path.isfile(token_file):
+            raise CLIError(
+                f"--token-file {token_file}: no such file; create it with "
+                f"`kommo-talks auth CODE --token-file {token_file}`",
+                EXIT_USAGE,
+            )
+        client_id, client_secret, redirect_uri = _oauth_settings()
+        auth = OAuth2(client_id, client_secret, redirect_uri, FileTokenStore(token_file))
+    else:
+        token = os.environ.get("KOMMO_TOKEN", "").strip()
+        if not token:
+            raise CLIError(
+                "no credentials: set KOMMO_TOKEN (a long-lived token) or pass --token-file PATH",
+                EXIT_USAGE,
+            )
+        try:
+            auth = LongLivedToken(token)
+        except ValueError as exc:
+            raise CLIError(f"KOMMO_TOKEN: {exc}", EXIT_USAGE) from None
+    try:
+        return KommoClient(base_url, auth=auth, retry=_retry_policy())
+    except ValueError as exc:
+        raise CLIError(f"KOMMO_BASE_URL: {exc}", EXIT_USAGE) from None
+
+
+def _oauth_settings() -> tuple[str, str, str]:
+    return (
+        _env("KOMMO_CLIENT_ID", "the integration ID"),
+        _env("KOMMO_CLIENT_SECRET", "the integration's secret key"),
+        _env("KOMMO_REDIRECT_URI", "the integration's redirect URI"),
+    )
+
+
+def _retry_policy() -> Any:
+    """The default policy; ``KOMMO_TALKS_RETRY_BASE_DELAY`` (seconds) shortens its backoff.
+
+    That variable exists for tests of the command line (an unreachable host
+    should not cost seconds of backoff there); it is documented as such.
+    """
+    from ..retry import RetryPolicy
+
+    raw = os.environ.get("KOMMO_TALKS_RETRY_BASE_DELAY")
+    if raw is None:
+        return RetryPolicy()
+    try:
+        return RetryPolicy(base_delay=float(raw))
+    except ValueError:
+        raise CLIError(
+            f"KOMMO_TALKS_RETRY_BASE_DELAY: expected seconds, got {raw!r}", EXIT_USAGE
+        ) from None
+
+
+def token_file_option(function: F) -> F:
+    """The ``--token-file PATH`` option of every command that talks to Kommo."""
+    return click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="OAuth2 token file written by `kommo-talks auth` (overrides KOMMO_TOKEN; "
+        "needs KOMMO_CLIENT_ID, KOMMO_CLIENT_SECRET, KOMMO_REDIRECT_URI).",
+    )(function)
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kommo-talks")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request (to stderr).")
+def cli(verbose: bool) -> None:
+    """Kommo Talks from the terminal: get, list and close talks.
+
+    Credentials come from the environment: KOMMO_BASE_URL and KOMMO_TOKEN (a
+    long-lived token), or --token-file PATH (OAuth2). `kommo-talks demo`
+    needs none. Exit status: 0 ok, 1 a talk failed or Kommo answered an
+    error, 2 usage error.
+    """
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        logger = logging.getLogger("kommo_talks")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+
+
+@cli.command()
+@click.argument("talk_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the talk as Kommo's JSON.")
+@token_file_option
+def get(talk_id: str, as_json: bool, token_file: str | None) -> NoReturn:
+    """Show one talk."""
+    try:
+        parsed = parse_talk_id(talk_id, "ID")
+    except InputError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    run(_get(parsed, as_json, token_file))
+
+
+async def _get(talk_id: int, as_json: bool, token_file: str | None) -> int:
+    async with make_client(token_file) as client:
+        with api_errors(f"talk {talk_id}"):
+            talk = await client.get_talk(talk_id)
+    if as_json:
+        sys.stdout.write(orjson.dumps(converter.unstructure(talk)).decode() + "\n")
+    else:
+        Console().print(talk_table(talk))
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option(
+    "--from",
+    "source",
+    type=click.File("r", encoding="utf-8"),
+    default=None,
+    metavar="FILE|-",
+    help="Read IDs from FILE (or stdin with -), one per line; blank and # lines are skipped.",
+)
+@click.option("--force", is_flag=True, help="Close at once, without Kommo's NPS bot.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Requests in flight at most (the rate limit, 7/s, still applies).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per talk.")
+@token_file_option
+def close(
+    ids: Sequence[str],
+    source: IO[str] | None,
+    force: bool,
+    concurrency: int,
+    as_json: bool,
+    token_file: str | None,
+) -> NoReturn:
+    """Close talks given as arguments and/or read with --from.
+
+    The whole input is read and checked before anything is sent: a bad ID
+    is named by its argument or line number (from 1) and nothing is closed.
+    Exit status 0 only if every talk ended closed or already closed.
+    """
+    try:
+        talk_ids = collect_ids(ids, source)
+    except InputError as exc:
+        _fail(f"{exc}; nothing was closed", EXIT_USAGE)
+    if not talk_ids:
+        _fail("no talk IDs given (pass IDs or --from FILE|-)", EXIT_USAGE)
+    run(
+        _close(
+            talk_ids, force=force, concurrency=concurrency, as_json=as_json, token_file=token_file
+        )
+    )
+
+
+async def _close(
+    talk_ids: list[int], *, force: bool, concurrency: int, as_json: bool, token_file: str | None
+) -> int:
+    out = Console(stderr=as_json, highlight=False)
+    err = Console(stderr=True, highlight=False)
+    async with make_client(token_file) as client:
+        await _preflight(client, talk_ids[0])
+        batch = close_run(client, talk_ids, force=force, concurrency=concurrency)
+        outcomes: dict[int, CloseOutcome] = {}
+        interrupted = False
+        with ProgressReporter(err, len(talk_ids), "closing") as reporter:
+
+            def progress(outcome: CloseOutcome) -> None:
+                outcomes[outcome.talk_id] = outcome
+                reporter.advance(outcome)
+
+            try:
+                await batch.collect(progress)
+            except asyncio.CancelledError:
+                interrupted = True
+        report = BatchReport(
+            talk_ids,
+            outcomes,
+            unsent=batch.unsent,
+            stop_error=batch.stop_error,
+            interrupted=interrupted,
+        )
+    if as_json:
+        write = sys.stdout.write
+        for record in report.records():
+            write(orjson.dumps(record).decode() + "\n")
+        sys.stdout.flush()
+    render_summary(out, report)
+    if interrupted:
+        raise asyncio.CancelledError  # asyncio.run turns it back into KeyboardInterrupt
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def _preflight(client: KommoClient, talk_id: int) -> None:
+    """One GET before any close: wrong credentials or host fail once, not once per talk."""
+    try:
+        await client.get_talk(talk_id)
+    except NotFoundError:
+        return  # the account answers; the close will report this talk
+    except ForbiddenError as exc:
+        if exc.is_block:
+            raise cli_error("nothing was closed", exc) from None
+        return  # a permission error on this talk: the others may be fine
+    except KommoError as exc:
+        raise cli_error("nothing was closed", exc) from None
+
+
+@cli.command(name="list")
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A Kommo filter, sent as filter[KEY]=VALUE; repeat a KEY for several values.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per talk, per line.")
+@token_file_option
+def list_(filters: Sequence[str], as_json: bool, token_file: str | None) -> NoReturn:
+    """Print every talk's ID, one per line (pipe it into `close --from -`)."""
+    parsed: dict[str, list[str]] = {}
+    for text in filters:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--filter {text!r}: expected KEY=VALUE", EXIT_USAGE)
+        parsed.setdefault(key.strip(), []).append(value)
+    flat: dict[str, Any] = {k: v[0] if len(v) == 1 else v for k, v in parsed.items()}
+    run(_list(flat, as_json, token_file))
+
+
+async def _list(filters: dict[str, Any], as_json: bool, token_file: str | None) -> int:
+    out = sys.stdout
+    async with make_client(token_file) as client:
+        try:
+            talks = client.iter_talks(filter=filters or None)
+        except ValueError as exc:
+            raise CLIError(f"--filter: {exc}", EXIT_USAGE) from None
+        with api_errors("listing talks"):
+            try:
+                async for talk in talks:
+                    if as_json:
+                        out.write(orjson.dumps(converter.unstructure(talk)).decode() + "\n")
+                    else:
+                        out.write(f"{talk.talk_id}\n")
+                out.flush()
+            except BrokenPipeError:
+                # The reader went away (e.g. `| head`): stop quietly, like other tools.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, out.fileno())
+                return EXIT_OK
+    return EXIT_OK
+
+
+@cli.command()
+@click.option(
+    "--talks",
+    type=click.IntRange(1, 100_000),
+    default=300,
+    show_default=True,
+    help="Talks the embedded fake holds.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="Requests per second, enforced by the fake and kept by the client.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Closes in flight at most.",
+)
+@click.option(
+    "--fault-rate",
+    type=click.FloatRange(0, 0.5),
+    default=0.08,
+    show_default=True,
+    help="Share of requests that get an injected fault.",
+)
+def demo(talks: int, rate: float, concurrency: int, fault_rate: float) -> NoReturn:
+    """Run the SDK end to end against an embedded FakeKommo (no account needed)."""
+    from ._demo import run_demo
+
+    run(run_demo(talks=talks, rate=rate, concurrency=concurrency, fault_rate=fault_rate))
+
+
+@cli.command()
+@click.argument("code")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Where to write the tokens (JSON, mode 0600).",
+)
+def auth(code: str, token_file: str) -> NoReturn:
+    """Exchange an OAuth2 authorization CODE for tokens and save them to --token-file.
+
+    Uses KOMMO_BASE_URL, KOMMO_CLIENT_ID, KOMMO_CLIENT_SECRET and
+    KOMMO_REDIRECT_URI. Prints nothing secret.
+    """
+    folder = os.path.dirname(os.path.abspath(token_file))
+    if not os.path.isdir(folder):
+        _fail(f"--token-file {token_file}: folder {folder} does not exist", EXIT_USAGE)
+    run(_auth(code, token_file))
+
+
+async def _auth(code: str, token_file: str) -> int:
+    from ..oauth import OAuth2
+    from ..stores import FileTokenStore
+
+    base_url = _base_url()
+    client_id, client_secret, redirect_uri = _oauth_settings()
+    try:
+        with api_errors("authorization failed"):
+            tokens = await OAuth2.exchange_code(
+                base_url,
+                code.strip(),
+                client_id=client_id,
+                client_secret=client_secret,
+                redirect_uri=redirect_uri,
+                store=FileTokenStore(token_file),
+                retry=_retry_policy(),
+            )
+    except ValueError as exc:
+        raise CLIError(f"authorization failed: {exc}", EXIT_USAGE) from None
+    expires = tokens.expires_at.isoformat(timespec="seconds")
+    click.echo(f"Authorized: tokens saved to {token_file} (access token valid until {expires}).")
+    click.echo(f"Use them with: kommo-talks <command> --token-file {token_file}")
+    return EXIT_OK

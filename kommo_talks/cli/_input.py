@@ -1,0 +1,66 @@
+"""Reading talk IDs from arguments and from a file or stdin, all of it before anything is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import IO
+
+__all__ = ["MAX_TALK_ID", "InputError", "collect_ids", "parse_talk_id", "read_ids"]
+
+MAX_TALK_ID = 2**63 - 1
+"""The largest ID accepted (Kommo's IDs are 64-bit integers)."""
+
+
+class InputError(Exception):
+    """A talk ID that is not one; the message names where it was (argument or line)."""
+
+
+def parse_talk_id(text: str, where: str) -> int:
+    """Parse one talk ID (ASCII digits, surrounding blanks ignored), or raise InputError."""
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or int(value) == 0:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise InputError(f"{where}: {shown!r} is not a talk ID (expected a positive integer)")
+    talk_id = int(value)
+    if talk_id > MAX_TALK_ID:
+        raise InputError(f"{where}: {value[:40]!r} is too large for a talk ID")
+    return talk_id
+
+
+def read_ids(lines: Iterable[str], source: str) -> list[int]:
+    """The talk IDs of ``lines``, one per line, numbered from 1 in messages.
+
+    Blank lines and lines whose first non-blank character is ``#`` are
+    skipped (they still count in the numbering).
+
+    Raises:
+        InputError: the first bad line, named ``"<source>, line <n>"``.
+    """
+    ids: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        ids.append(parse_talk_id(text, f"{source}, line {number}"))
+    return ids
+
+
+def collect_ids(arguments: Sequence[str], stream: IO[str] | None) -> list[int]:
+    """Every distinct talk ID of ``arguments`` then ``stream``, in first-appearance order.
+
+    ``stream`` is read to its end here, so that nothing is sent before the
+    whole input is known to be valid (and a pipe from ``kommo-talks list``
+    has finished before the closes start).
+
+    Raises:
+        InputError: a bad argument (``"argument <n>"``) or line, or input that
+            is not UTF-8 text.
+    """
+    ids = [parse_talk_id(text, f"argument {n}") for n, text in enumerate(arguments, start=1)]
+    if stream is not None:
+        source = "stdin" if stream.name in ("<stdin>", "-") else str(stream.name)
+        try:
+            ids.extend(read_ids(stream, source))
+        except UnicodeDecodeError:
+            raise InputError(f"{source}: not UTF-8 text") from None
+    return list(dict.fromkeys(ids))
