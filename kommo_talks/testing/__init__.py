@@ -13,5 +13,14 @@ Import it only in tests and demos (``import kommo_talks`` does not load it)::
 from ._fake import FakeKommo, FakeStats, RecordedRequest, problem_response
 from ._faults import Fault
 from ._oauth import FakeOAuth
+from ._webhooks import WebhookDelivery
 
-__all__ = ["FakeKommo", "FakeOAuth", "FakeStats", "Fault", "RecordedRequest", "problem_response"]
+__all__ = [
+    "FakeKommo",
+    "FakeOAuth",
+    "FakeStats",
+    "Fault",
+    "RecordedRequest",
+    "WebhookDelivery",
+    "problem_response",
+]

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from ._faults import Fault, FaultPlan
 from ._oauth import FakeOAuth
+from ._webhooks import FakeWebhooks, WebhookDelivery, message_add_body, now, talk_event_body
 
 __all__ = ["FakeKommo", "FakeStats", "RecordedRequest"]
 
@@ -152,7 +153,10 @@ class FakeKommo:
         strict_rotation: see :class:`~kommo_talks.testing.FakeOAuth`.
 
     Fault injection: :meth:`script` and :meth:`random_faults`. Permissions:
-    :meth:`deny`, :meth:`block`. Counters: :attr:`stats`.
+    :meth:`deny`, :meth:`block`. Counters: :attr:`stats`. Webhooks:
+    :meth:`add_webhook`, :meth:`emit_message`, :meth:`emit_talk_added`,
+    :meth:`emit_talk_updated`, :meth:`webhooks_idle`,
+    :attr:`webhook_deliveries`.
     """
 
     def __init__(
@@ -190,6 +194,10 @@ class FakeKommo:
         self._denied_talks: dict[int, int] = {}
         self._blocked = False
         self._talk_closed_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.webhook_timeout: float = 2.0
+        """Seconds a webhook receiver has to answer (Kommo: 2)."""
+        self._webhooks = FakeWebhooks(self)
+        self.on_talk_closed(self._webhooks.talk_closed)
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
         for talk_id in talks:
@@ -222,10 +230,15 @@ class FakeKommo:
         self._url = f"http://127.0.0.1:{port}"
 
     async def close(self) -> None:
-        """Stop serving (idempotent)."""
+        """Stop serving and delivering webhooks (idempotent).
+
+        Webhook deliveries still queued are dropped: ``await
+        fake.webhooks_idle()`` first to see them through.
+        """
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        await self._webhooks.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -326,6 +339,105 @@ class FakeKommo:
     def valid_token(self, token: str) -> bool:
         """True if ``token`` is the long-lived token or a live OAuth access token."""
         return secrets.compare_digest(token, self.token) or self.oauth.accepts(token)
+
+    # -- webhooks ------------------------------------------------------------------
+
+    def add_webhook(self, url: str) -> None:
+        """Subscribe ``url`` to the fake's account webhooks.
+
+        From then on, every talk the fake closes is posted to it as a
+        Kommo-format ``talk[update]`` body (``is_in_work`` ``0``), and the
+        ``emit_*`` methods post there too. Put your receiver's secret in the
+        URL as Kommo would (``...?secret=...``). Deliveries run in the
+        background, one after another, each with :attr:`webhook_timeout`;
+        they are recorded in :attr:`webhook_deliveries` and never retried.
+
+        Raises:
+            ValueError: ``url`` is not an ``http://`` or ``https://`` URL.
+        """
+        self._webhooks.subscribe(url)
+
+    @property
+    def webhook_deliveries(self) -> list[WebhookDelivery]:
+        """Every webhook delivery made so far (url, body, status), in order."""
+        return self._webhooks.deliveries
+
+    async def webhooks_idle(self) -> None:
+        """Wait until every webhook delivery queued so far has been answered or failed.
+
+        Deliveries that a receiver's callback causes later (a bot closing a
+        talk, say) are not waited for: wait for what your bot does instead.
+        """
+        await self._webhooks.idle()
+
+    async def emit_talk_added(self, talk_id: int) -> bytes:
+        """Post a ``talk[add]`` delivery for a talk the fake holds (see :meth:`add_talk`).
+
+        Returns the body queued; ``await webhooks_idle()`` to see it delivered.
+
+        Raises:
+            KeyError: no such talk. RuntimeError: no webhook subscribed.
+        """
+        return self._emit(talk_event_body("add", [self._talk(talk_id)], base_url=self.url))
+
+    async def emit_talk_updated(self, talk_id: int) -> bytes:
+        """Post a ``talk[update]`` delivery with the talk's current state.
+
+        Change ``fake.talks[talk_id]`` first to act as an edit made in
+        Kommo (``is_in_work`` false: closed by a manager; ``is_read`` true:
+        marked answered). Returns the body queued.
+
+        Raises:
+            KeyError: no such talk. RuntimeError: no webhook subscribed.
+        """
+        return self._emit(talk_event_body("update", [self._talk(talk_id)], base_url=self.url))
+
+    async def emit_message(
+        self,
+        talk_id: int,
+        text: str,
+        *,
+        direction: str = "incoming",
+        author_name: str | None = None,
+        message_id: str | None = None,
+    ) -> bytes:
+        """Post a ``message[add]`` delivery: a message written in a talk's chat.
+
+        ``direction`` is ``"incoming"`` (from the customer) or ``"outgoing"``
+        (from a manager; whether Kommo sends those through this hook is not
+        confirmed). ``author_name`` defaults to ``"Customer"`` or
+        ``"Manager"``, ``message_id`` to a new UUID. Returns the body queued.
+
+        Raises:
+            ValueError: a bad ``direction``. KeyError: no such talk.
+            RuntimeError: no webhook subscribed.
+        """
+        if direction not in ("incoming", "outgoing"):
+            raise ValueError(f"direction must be 'incoming' or 'outgoing', got {direction!r}")
+        if author_name is None:
+            author_name = "Customer" if direction == "incoming" else "Manager"
+        body = message_add_body(
+            self._talk(talk_id),
+            text,
+            direction=direction,
+            author_name=author_name,
+            message_id=message_id or str(uuid.uuid4()),
+            created_at=now(),
+            base_url=self.url,
+        )
+        return self._emit(body)
+
+    def _talk(self, talk_id: int) -> dict[str, Any]:
+        talk = self.talks.get(talk_id)
+        if talk is None:
+            raise KeyError(f"FakeKommo holds no talk {talk_id!r}: add it with add_talk() first")
+        return talk
+
+    def _emit(self, body: bytes) -> bytes:
+        if not self._webhooks.urls:
+            raise RuntimeError("no webhook subscribed: call fake.add_webhook(url) first")
+        self._webhooks.send(body)
+        return body
 
     # -- the request pipeline ------------------------------------------------------
 

@@ -1,17 +1,129 @@
-"""GET /api/v4/talks of FakeKommo (stub: completed by the listing work)."""
+"""``GET /api/v4/talks`` of :class:`~kommo_talks.testing.FakeKommo`: pages, links, filters.
+
+What it serves (Kommo's list endpoint for talks is new and its details are
+unconfirmed; this follows how Kommo's other v4 lists behave and what the
+published clients send):
+
+- ``page`` (default 1) and ``limit`` (default 50, at most 250: a larger one
+  is answered ``422`` with Kommo's documented ``"Limit 250 per page"``
+  problem; a page or limit that is not a positive integer gets ``400``);
+- talks in ``talk_id`` order, each the full payload of ``GET
+  /api/v4/talks/{id}``, under ``_embedded.talks``; ``_page``; ``_links``
+  with absolute ``self``, ``first``, ``prev`` (after page 1) and ``next``
+  (while more talks follow) URLs on the fake's host that repeat the
+  request's query with another ``page``;
+- ``204 No Content`` (no body) when the page holds no talk;
+- filters, combined with AND, several values of one key with OR:
+  ``filter[talk_id]``, ``filter[contact_id]``, ``filter[entity_id]`` (each a
+  scalar or ``[]`` list of integers; anything else is a ``400``),
+  ``filter[entity_type]`` (strings) and ``filter[only_in_work]``: present
+  means open talks only, unless its value is ``0`` (Kommo's handling of
+  ``0`` is unconfirmed: to list every talk, leave the key out). Other
+  filter keys are ignored.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 from aiohttp import web
+from yarl import URL
 
 if TYPE_CHECKING:
     from ._fake import FakeKommo
 
-__all__ = ["list_talks"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "list_talks"]
+
+DEFAULT_PAGE: Final = 1
+DEFAULT_LIMIT: Final = 50
+MAX_LIMIT: Final = 250
+_PATH: Final = "/api/v4/talks"
+_INT_FILTERS: Final = frozenset({"talk_id", "contact_id", "entity_id"})
+_STR_FILTERS: Final = frozenset({"entity_type"})
+# filter[KEY], filter[KEY][] and PHP's indexed filter[KEY][0]
+_FILTER_KEY: Final = re.compile(r"filter\[([^\[\]]+)\](?:\[\d*\])?")
 
 
 async def list_talks(fake: FakeKommo, request: web.Request) -> web.StreamResponse:
-    """Answer a talks list request."""
-    return web.Response(status=204)
+    """Answer a talks list request (see the module docstring)."""
+    from ._fake import HAL_JSON, problem_response
+
+    query = request.query
+    page = _positive_int(query.get("page"), DEFAULT_PAGE)
+    limit = _positive_int(query.get("limit"), DEFAULT_LIMIT)
+    if page is None:
+        return problem_response(400, "page must be a positive integer")
+    if limit is None:
+        return problem_response(400, "limit must be a positive integer")
+    if limit > MAX_LIMIT:
+        return problem_response(422, f"Limit {MAX_LIMIT} per page")
+
+    filters: dict[str, list[str]] = {}
+    for key, value in query.items():
+        match = _FILTER_KEY.fullmatch(key)
+        if match is not None:
+            filters.setdefault(match.group(1), []).append(value)
+    try:
+        wanted = _compile_filters(filters)
+    except ValueError as exc:
+        return problem_response(400, str(exc))
+
+    ids = sorted(fake.talks)
+    if wanted:
+        ids = [i for i in ids if _matches(fake.talks[i], wanted)]
+    start = (page - 1) * limit
+    chosen = ids[start : start + limit]
+    if not chosen:
+        return web.Response(status=204)
+
+    pairs = [(k, v) for k, v in query.items() if k != "page"]
+    base = URL(fake.url).with_path(_PATH)
+
+    def link(number: int) -> dict[str, str]:
+        return {"href": str(base.with_query([("page", str(number)), *pairs]))}
+
+    links = {"self": link(page), "first": link(1)}
+    if page > 1:
+        links["prev"] = link(page - 1)
+    if start + limit < len(ids):
+        links["next"] = link(page + 1)
+    body = {
+        "_page": page,
+        "_links": links,
+        "_embedded": {"talks": [fake.payload(talk_id) for talk_id in chosen]},
+    }
+    return web.Response(body=orjson.dumps(body), content_type=HAL_JSON)
+
+
+def _positive_int(raw: str | None, default: int) -> int | None:
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        return None
+    return int(raw)
+
+
+# key -> the accepted values; "only_in_work" -> {True}
+_Wanted = dict[str, set[Any]]
+
+
+def _compile_filters(filters: dict[str, list[str]]) -> _Wanted:
+    wanted: _Wanted = {}
+    for key, values in filters.items():
+        if key in _INT_FILTERS:
+            for value in values:
+                if not (value.isascii() and value.isdigit()):
+                    raise ValueError(f"filter[{key}] must be an integer, got {value!r}")
+            wanted[key] = {int(v) for v in values}
+        elif key in _STR_FILTERS:
+            wanted[key] = set(values)
+        elif key == "only_in_work" and any(v != "0" for v in values):
+            wanted["is_in_work"] = {True}
+        # Other keys: ignored, as the module docstring says.
+    return wanted
+
+
+def _matches(talk: dict[str, Any], wanted: _Wanted) -> bool:
+    return all(talk.get(key) in accepted for key, accepted in wanted.items())

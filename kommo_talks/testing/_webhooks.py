@@ -1,0 +1,236 @@
+"""Webhook deliveries of :class:`~kommo_talks.testing.FakeKommo`, as Kommo sends them.
+
+Kommo posts account webhooks as ``application/x-www-form-urlencoded`` bodies
+with bracketed keys and string values (``talk[update][0][is_in_work]=0``,
+``account[id]=...``), waits at most 2 s for a 2xx answer, and sends one
+delivery after another. The fake does the same from one background task with
+its own ``aiohttp.ClientSession``, records every delivery, and does not retry
+a failed one (Kommo does, later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlencode
+
+import aiohttp
+import attrs
+
+if TYPE_CHECKING:
+    from ._fake import FakeKommo
+
+__all__ = [
+    "FakeWebhooks",
+    "WebhookDelivery",
+    "message_add_body",
+    "talk_event_body",
+]
+
+FORM: Final = "application/x-www-form-urlencoded"
+USER_AGENT: Final = "kommo-talks-FakeKommo-webhooks/1.0"
+SUBDOMAIN: Final = "fake"
+"""The ``account[subdomain]`` of the fake's deliveries."""
+
+# The talk fields Kommo's talk[add] / talk[update] deliveries carry.
+_TALK_FIELDS: Final = (
+    "talk_id",
+    "created_at",
+    "updated_at",
+    "rate",
+    "contact_id",
+    "chat_id",
+    "entity_id",
+    "entity_type",
+    "is_in_work",
+    "is_read",
+    "origin",
+)
+# Kommo's element types for the entity a message is attached to.
+_ELEMENT_TYPES: Final = {"lead": "2", "customer": "12"}
+
+
+@attrs.frozen
+class WebhookDelivery:
+    """One webhook the fake posted.
+
+    Attributes:
+        url: where it was posted (as given to ``add_webhook``).
+        body: the form-encoded body sent.
+        status: the HTTP status answered, or ``None`` when no answer came
+            (connection refused, timed out).
+        error: why no answer came, or ``None``.
+    """
+
+    url: str
+    body: bytes
+    status: int | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True if the answer was a 2xx (what Kommo counts as delivered)."""
+        return self.status is not None and 200 <= self.status < 300
+
+
+def _text(value: Any) -> str:
+    """Kommo's string form of a payload value: ``1``/``0`` for flags, ``""`` for null."""
+    if value is None:
+        return ""
+    if value is True:
+        return "1"
+    if value is False:
+        return "0"
+    return str(value)
+
+
+def _account_pairs(account_id: Any, base_url: str) -> list[tuple[str, str]]:
+    return [
+        ("account[id]", _text(account_id)),
+        ("account[subdomain]", SUBDOMAIN),
+        ("account[_links][self]", base_url),
+    ]
+
+
+def talk_event_body(action: str, talks: Iterable[Mapping[str, Any]], *, base_url: str) -> bytes:
+    """A ``talk[add]`` or ``talk[update]`` delivery body for the given talk payloads.
+
+    ``action`` is ``"add"`` or ``"update"``; the talks are numbered ``[0]``,
+    ``[1]``, ... in order. The account is the first talk's ``account_id``.
+    """
+    if action not in ("add", "update"):
+        raise ValueError(f"action must be 'add' or 'update', got {action!r}")
+    pairs: list[tuple[str, str]] = []
+    account_id: Any = None
+    for index, talk in enumerate(talks):
+        if account_id is None:
+            account_id = talk.get("account_id")
+        prefix = f"talk[{action}][{index}]"
+        pairs.extend((f"{prefix}[{name}]", _text(talk.get(name))) for name in _TALK_FIELDS)
+    pairs.extend(_account_pairs(account_id, base_url))
+    return urlencode(pairs).encode("ascii")
+
+
+def message_add_body(
+    talk: Mapping[str, Any],
+    text: str,
+    *,
+    direction: str,
+    author_name: str,
+    message_id: str,
+    created_at: int,
+    base_url: str,
+) -> bytes:
+    """A ``message[add]`` delivery body: one message in ``talk``'s chat."""
+    prefix = "message[add][0]"
+    entity_type = talk.get("entity_type")
+    entity_id = talk.get("entity_id")
+    if entity_type in _ELEMENT_TYPES and entity_id is not None:
+        element_type, element_id = _ELEMENT_TYPES[entity_type], entity_id
+    else:  # attached to the contact
+        element_type, element_id = "1", talk.get("contact_id")
+    author_kind = "contact" if direction == "incoming" else "user"
+    author_id = uuid.uuid5(uuid.NAMESPACE_URL, f"kommo-{author_kind}-{author_name}")
+    fields = {
+        "id": message_id,
+        "chat_id": talk.get("chat_id"),
+        "talk_id": talk.get("talk_id"),
+        "contact_id": talk.get("contact_id"),
+        "text": text,
+        "created_at": created_at,
+        "element_type": element_type,
+        "element_id": element_id,
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "type": direction,
+        "author][id": author_id,
+        "author][type": author_kind,
+        "author][name": author_name,
+        "author][avatar_url": "",
+        "origin": talk.get("origin"),
+    }
+    pairs = [(f"{prefix}[{name}]", _text(value)) for name, value in fields.items()]
+    pairs.extend(_account_pairs(talk.get("account_id"), base_url))
+    return urlencode(pairs).encode("utf-8")
+
+
+def now() -> int:
+    """Unix seconds, as Kommo's payloads carry them."""
+    return int(time.time())
+
+
+class FakeWebhooks:
+    """The fake's webhook subscriptions and its delivery task (see ``FakeKommo``)."""
+
+    def __init__(self, fake: FakeKommo) -> None:
+        self._fake = fake
+        self.urls: list[str] = []
+        self.deliveries: list[WebhookDelivery] = []
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def subscribe(self, url: str) -> None:
+        """Post every later delivery to ``url`` too."""
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook url must be an http:// or https:// URL, got {url!r}")
+        self.urls.append(url)
+
+    def send(self, body: bytes) -> None:
+        """Queue ``body`` for every subscribed URL (needs a running event loop)."""
+        if not self.urls:
+            return
+        for url in self.urls:
+            self._queue.put_nowait((url, body))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._deliver_all())
+
+    def talk_closed(self, talk: dict[str, Any]) -> None:
+        """The fake's close listener: a ``talk[update]`` with ``is_in_work`` 0."""
+        if self.urls:
+            self.send(talk_event_body("update", [talk], base_url=self._fake.url))
+
+    async def idle(self) -> None:
+        """Return once every queued delivery has been answered, refused or timed out."""
+        await self._queue.join()
+
+    async def close(self) -> None:
+        """Drop what is still queued, stop the delivery task, close the session."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+        self._queue = asyncio.Queue()
+
+    async def _deliver_all(self) -> None:
+        queue = self._queue
+        while not queue.empty():
+            url, body = queue.get_nowait()
+            try:
+                self.deliveries.append(await self._deliver(url, body))
+            finally:
+                queue.task_done()
+
+    async def _deliver(self, url: str, body: bytes) -> WebhookDelivery:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        timeout = aiohttp.ClientTimeout(total=self._fake.webhook_timeout)
+        headers = {"Content-Type": FORM, "User-Agent": USER_AGENT}
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
+                await response.read()
+                return WebhookDelivery(url, body, response.status)
+        except TimeoutError:
+            return WebhookDelivery(url, body, None, f"no answer in {timeout.total:g} s")
+        except Exception as exc:  # a delivery failure, never the end of the delivery task
+            return WebhookDelivery(url, body, None, f"{type(exc).__name__}: {exc}")
