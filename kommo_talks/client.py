@@ -26,7 +26,7 @@ from yarl import URL
 
 from ._version import __version__
 from .auth import Auth, LongLivedToken
-from .converter import converter, describe_validation_error
+from .converter import converter, describe_validation_error, structure_talk
 from .errors import (
     APIError,
     DecodeError,
@@ -65,7 +65,7 @@ _CLOSE_BODIES: Final = {
     True: orjson.dumps({"force_close": True}),
     False: orjson.dumps({"force_close": False}),
 }
-_STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {}
+_STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {Talk: structure_talk}
 _TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
 
 #: A batch's veto on sending (see :mod:`kommo_talks.batch`), set in its worker

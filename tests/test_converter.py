@@ -12,7 +12,7 @@ import cattrs
 import pytest
 
 from kommo_talks import EntityRef, Talk, TalkEmbedded, converter
-from kommo_talks.converter import describe_validation_error
+from kommo_talks.converter import describe_validation_error, structure_talk
 
 # The response example of GET /api/v4/talks/{id} in Kommo's reference, verbatim.
 DOCUMENTED: dict[str, Any] = json.loads(
@@ -130,3 +130,42 @@ def test_nested_errors_name_the_api_path(change: Any, path: str) -> None:
     text, first = describe_validation_error(caught.value)
     assert first == path
     assert path in text
+
+
+FAST_PATH_CASES: list[Any] = [
+    lambda p: p,
+    lambda p: p.pop("_embedded"),
+    lambda p: p.pop("_links"),
+    lambda p: p.update(_embedded=None),
+    lambda p: p.update(_links=None),
+    lambda p: p.update(_embedded={}),
+    lambda p: p["_embedded"].update(contacts=None),
+    lambda p: p["_embedded"]["contacts"][0].pop("_links"),
+    lambda p: p["_embedded"]["contacts"].append("x"),
+    lambda p: p.update(_links={"self": None}),
+    lambda p: p.update(_links={"self": {"href": 5}}),
+    lambda p: p.update(_links=[]),
+    lambda p: p.update(missed_at=1631020000),
+    lambda p: p.update(missed_at=10**20),
+    lambda p: p.update(entity_id=None, entity_type=None),
+    lambda p: p.pop("entity_id"),
+    lambda p: p.update(is_read=1),
+    lambda p: p.update(extra={"new": "field"}),
+]
+
+
+@pytest.mark.parametrize("change", FAST_PATH_CASES)
+def test_client_fast_path_agrees_with_the_converter(change: Any) -> None:
+    payload = copy.deepcopy(DOCUMENTED)
+    change(payload)
+
+    try:
+        expected: Any = converter.structure(copy.deepcopy(payload), Talk)
+    except cattrs.ClassValidationError as error:
+        expected = describe_validation_error(error)
+    try:
+        got: Any = structure_talk(payload)
+    except cattrs.ClassValidationError as error:
+        got = describe_validation_error(error)
+
+    assert got == expected
