@@ -519,7 +519,7 @@ def iter_close_talks(
     *,
     force: bool,
     concurrency: int,
-) -> AsyncIterator[CloseOutcome]:
+) -> AsyncGenerator[CloseOutcome, None]:
     """Close many talks, yielding outcomes as they complete.
 
     See :meth:`KommoClient.iter_close_talks` and this module's docstring.

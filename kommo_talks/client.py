@@ -13,7 +13,14 @@ import logging
 import platform
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
@@ -287,7 +294,7 @@ class KommoClient:
         *,
         force: bool = False,
         concurrency: int = 10,
-    ) -> AsyncIterator[CloseOutcome]:
+    ) -> AsyncGenerator[CloseOutcome, None]:
         """Close many talks; yield each :class:`CloseOutcome` as it completes."""
         from .batch import iter_close_talks
 
@@ -309,7 +316,7 @@ class KommoClient:
         *,
         filter: Mapping[str, Any] | None = None,
         page_size: int = 250,
-    ) -> AsyncIterator[Talk]:
+    ) -> AsyncGenerator[Talk, None]:
         """Iterate over the account's talks, one page at a time.
 
         Raises:
