@@ -217,6 +217,7 @@ class FakeKommo:
         if self._runner is not None:
             return
         app = web.Application()
+        app.on_response_prepare.append(_add_request_id)
         app.router.add_get("/api/v4/talks/{talk_id}", self._route("get", self._get_talk))
         app.router.add_post("/api/v4/talks/{talk_id}/close", self._route("close", self._close))
         app.router.add_get("/api/v4/talks", self._route("list", self._list_talks))
@@ -549,10 +550,11 @@ class FakeKommo:
 
     def _talk_or_error(self, request: web.Request) -> dict[str, Any] | web.Response:
         raw = request.match_info["talk_id"]
-        talk = self.talks.get(int(raw)) if raw.isdigit() else None
+        talk_id = int(raw) if raw.isdigit() else -1
+        talk = self.talks.get(talk_id)
         if talk is None:
             return problem_response(404, f"Cannot {request.method} {request.url}")
-        denied = self._denied_talks.get(talk["talk_id"])
+        denied = self._denied_talks.get(talk_id)
         if denied is not None:
             return self._denied(denied)
         return talk
@@ -563,7 +565,8 @@ class FakeKommo:
         talk = self._talk_or_error(request)
         if isinstance(talk, web.Response):
             return talk
-        return web.Response(body=orjson.dumps(self.payload(talk["talk_id"])), content_type=HAL_JSON)
+        talk_id = int(request.match_info["talk_id"])
+        return web.Response(body=orjson.dumps(self.payload(talk_id)), content_type=HAL_JSON)
 
     async def _close(self, request: web.Request) -> web.StreamResponse:
         talk = self._talk_or_error(request)
@@ -582,7 +585,7 @@ class FakeKommo:
         if not talk["is_in_work"]:
             return problem_response(422, "Talk is already closed or being closed")
         if self.nps_bot and not force:
-            self.nps_launched.append(talk["talk_id"])
+            self.nps_launched.append(int(request.match_info["talk_id"]))
             return web.Response(status=202)
         talk["is_in_work"] = False
         talk["updated_at"] = int(time.time())
@@ -595,6 +598,11 @@ class FakeKommo:
         from ._listing import list_talks
 
         return await list_talks(self, request)
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # Kommo tags every answer with a request id; so does the fake.
+    response.headers.setdefault("X-Request-Id", secrets.token_hex(8))
 
 
 def _ref(base: str, kind: str, entity_id: int) -> dict[str, Any]:
