@@ -48,12 +48,14 @@ def error_class(status: int, *, closing: bool = False) -> type[APIError]:
 def parse_problem(content_type: str | None, body: bytes) -> tuple[dict[str, Any], str | None]:
     """Parse an error body into ``(problem, text)``.
 
-    ``problem`` is the JSON object if the body is one (whatever the exact
-    content type, as long as it mentions ``json``), else ``{}``. ``text`` is
-    the body's first :data:`DETAIL_LIMIT` characters when it is not a JSON
-    object (an HTML page, say), else ``None``.
+    ``problem`` is the JSON object if the body is one, else ``{}``: a body is
+    parsed when its content type mentions ``json`` or when it starts like a
+    JSON object (a mislabelled problem is still a problem, not a block page).
+    ``text`` is the body's first :data:`DETAIL_LIMIT` characters when it is
+    not a JSON object (an HTML page, say), else ``None``.
     """
-    if content_type and "json" in content_type.lower():  # media types ignore case
+    labelled = content_type is not None and "json" in content_type.lower()  # case-insensitive
+    if labelled or body.lstrip()[:1] == b"{":
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:

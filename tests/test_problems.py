@@ -101,7 +101,7 @@ def test_html_body_becomes_truncated_detail() -> None:
     [
         ("application/problem+json", b"not json"),
         ("application/problem+json", b"[1]"),
-        (None, b'{"title": "x"}'),
+        ("text/plain", b"{not json"),
         ("application/json", b""),
     ],
 )
@@ -132,3 +132,13 @@ def test_block_is_a_403_whose_body_is_not_json(
     status: int, content_type: str | None, body: bytes, blocked: bool
 ) -> None:
     assert is_block(status, content_type, body) is blocked
+
+
+def test_a_mislabelled_json_problem_is_still_parsed() -> None:
+    body = b'{"title": "Forbidden", "status": 403, "detail": "Insufficient rights"}'
+
+    problem, text = parse_problem("text/plain", body)
+
+    assert problem["detail"] == "Insufficient rights"
+    assert text is None
+    assert not is_block(403, "text/plain", body)
