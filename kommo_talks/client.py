@@ -420,7 +420,8 @@ class KommoClient:
                 if not retryable and not isinstance(exc, aiohttp.ClientError):
                     raise
                 self._log(method, url, type(exc).__name__, started, attempt)
-                ambiguous = True
+                # A failed connect sent nothing; anything later may have landed.
+                ambiguous = ambiguous or not isinstance(exc, aiohttp.ClientConnectorError)
                 if not retryable or attempt >= policy.max_attempts:
                     raise TransportError(
                         f"{method} {url} failed after {attempt} attempt(s): {_describe(exc)}",

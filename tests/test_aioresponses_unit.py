@@ -27,6 +27,7 @@ from kommo_talks import (
     RateLimitError,
     RetryPolicy,
     ServerError,
+    TalkAlreadyClosedError,
     TokenRefreshError,
     TransportError,
     __version__,
@@ -284,3 +285,33 @@ async def test_a_certificate_failure_at_the_token_endpoint_is_a_token_refresh_er
 
     assert caught.value.__cause__ is failure
     assert len(calls(mocked, "POST", url)) == 1
+
+
+@pytest.mark.parametrize(
+    ("first_failure", "ambiguous"),
+    [
+        (
+            aiohttp.ClientConnectorError(
+                ConnectionKey("example.kommo.com", 443, True, True, None, None, None),
+                ConnectionRefusedError(111, "Connection refused"),
+            ),
+            False,
+        ),
+        (aiohttp.ServerDisconnectedError(), True),
+        (TimeoutError(), True),
+    ],
+    ids=["refused", "dropped", "timeout"],
+)
+async def test_only_a_failure_after_connecting_makes_a_later_422_a_success(
+    client: KommoClient, mocked: shimmed_aioresponses, first_failure: Exception, ambiguous: bool
+) -> None:
+    url = f"{BASE}/api/v4/talks/117/close"
+    mocked.post(url, exception=first_failure)
+    mocked.post(url, status=422, payload={"title": "Unprocessable Entity", "status": 422})
+
+    if ambiguous:
+        assert await client.close_talk(117, force=True) is None
+    else:  # a refused connection sent nothing: the talk was closed by someone else
+        with pytest.raises(TalkAlreadyClosedError):
+            await client.close_talk(117, force=True)
+    assert len(calls(mocked, "POST", url)) == 2
