@@ -1,0 +1,479 @@
+"""WebhookReceiver over real loopback HTTP, and verify_disconnect_signature."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kommo_talks.webhooks import (
+    MessageEvent,
+    TalkEvent,
+    WebhookEvent,
+    WebhookReceiver,
+    verify_disconnect_signature,
+)
+
+PATH = "/kommo/hook"
+# Only a broken receiver ever waits this long: a bug fails the test instead of hanging it.
+HANG = 10.0
+
+
+def delivery(*talk_ids: int, section: str = "update", account: int = 29785537) -> bytes:
+    """A Kommo-format body with one talk event per ID, ``is_in_work`` 0."""
+    pairs: list[tuple[str, str]] = []
+    for index, talk_id in enumerate(talk_ids):
+        prefix = f"talk[{section}][{index}]"
+        pairs += [
+            (f"{prefix}[talk_id]", str(talk_id)),
+            (f"{prefix}[is_in_work]", "0"),
+            (f"{prefix}[is_read]", "1"),
+        ]
+    pairs += [("account[id]", str(account)), ("account[subdomain]", "example")]
+    return urlencode(pairs).encode()
+
+
+def talk_ids(events: list[WebhookEvent]) -> list[int]:
+    ids = []
+    for event in events:
+        assert isinstance(event, TalkEvent)
+        ids.append(event.talk_id)
+    return ids
+
+
+class Recorder:
+    """A webhook callback that records events and can be held on an Event."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.started: list[WebhookEvent] = []
+        self.finished: list[WebhookEvent] = []
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+        self.running = 0
+        self.most_running = 0
+        self._changed = asyncio.Event()
+
+    async def __call__(self, event: WebhookEvent) -> None:
+        self.started.append(event)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        self._changed.set()
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        self.finished.append(event)
+        self._changed.set()
+
+    async def wait_started(self, count: int) -> None:
+        async with asyncio.timeout(HANG):
+            while len(self.started) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_finished(self, count: int) -> None:
+        async with asyncio.timeout(HANG):
+            while len(self.finished) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Run ``app`` on 127.0.0.1 (ephemeral port) and yield its hook URL."""
+    # A short shutdown_timeout only matters to a broken receiver whose handler hangs.
+    runner = web.AppRunner(app, shutdown_timeout=HANG / 5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}{PATH}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def serve_receiver(receiver: WebhookReceiver) -> AsyncIterator[str]:
+    app = web.Application()
+    receiver.setup(app, PATH)
+    async with serve(app) as url:
+        yield url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: bytes, **kwargs: object) -> int:
+    async with (
+        asyncio.timeout(HANG),
+        http.post(url, data=body, **kwargs) as response,  # type: ignore[arg-type]
+    ):
+        await response.read()
+        return response.status
+
+
+# ------------------------------------------------------------------ secret
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{}, {"secret": "wrong"}, {"secret": ""}, {"secret": "s3cret-"}, {"secret": "sécret"}],
+    ids=["missing", "wrong", "empty", "longer", "non-ascii"],
+)
+async def test_wrong_or_missing_secret_is_403_and_nothing_is_called(
+    http: aiohttp.ClientSession, query: dict[str, str]
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder, secret="s3cret")
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, delivery(1), params=query) == 403
+        assert await post(http, url, delivery(2), params={"secret": "s3cret"}) == 200
+        await receiver.close()
+
+    assert talk_ids(recorder.finished) == [2]
+
+
+async def test_wrong_secret_is_refused_before_the_body_is_read(
+    http: aiohttp.ClientSession,
+) -> None:
+    never = asyncio.Event()
+
+    async def endless_body() -> AsyncIterator[bytes]:
+        yield delivery(1)
+        await never.wait()  # the body never ends: only an answer that skips it can come
+        yield b"&x=y"
+
+    receiver = WebhookReceiver(Recorder(), secret="s3cret")
+    url_params = {"secret": "nope"}
+    async with (
+        serve_receiver(receiver) as url,
+        asyncio.timeout(HANG),
+        http.post(url, data=endless_body(), params=url_params) as response,
+    ):
+        status = response.status
+        response.close()  # drop the connection with the body unfinished
+
+    assert status == 403
+
+
+# ------------------------------------------------------------ answer first
+
+
+async def test_200_arrives_before_the_callback_runs(http: aiohttp.ClientSession) -> None:
+    recorder = Recorder(hold=True)
+    receiver = WebhookReceiver(recorder)
+    async with serve_receiver(receiver) as url:
+        status = await post(http, url, delivery(117))
+        finished_before_release = list(recorder.finished)
+        recorder.release.set()
+        await recorder.wait_finished(1)
+
+    assert status == 200
+    assert finished_before_release == []
+    (event,) = recorder.finished
+    assert isinstance(event, TalkEvent)
+    assert (event.talk_id, event.closed, event.account_id) == (117, True, 29785537)
+
+
+async def test_events_of_one_delivery_run_one_at_a_time_in_order(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, delivery(*range(1, 13))) == 200
+        await recorder.wait_finished(12)
+
+    assert talk_ids(recorder.finished) == list(range(1, 13))
+    assert recorder.most_running == 1
+
+
+async def test_deliveries_run_concurrently(http: aiohttp.ClientSession) -> None:
+    recorder = Recorder(hold=True)
+    receiver = WebhookReceiver(recorder)
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, delivery(1)) == 200
+        assert await post(http, url, delivery(2)) == 200
+        await recorder.wait_started(2)  # both are running while neither may finish
+        recorder.release.set()
+        await recorder.wait_finished(2)
+
+    assert sorted(talk_ids(recorder.finished)) == [1, 2]
+
+
+async def test_message_events_reach_the_callback(http: aiohttp.ClientSession) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    body = urlencode(
+        {
+            "message[add][0][id]": "m-1",
+            "message[add][0][type]": "incoming",
+            "message[add][0][text]": "Привет #done",
+            "message[add][0][talk_id]": "117",
+        }
+    ).encode()
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, body) == 200
+        await recorder.wait_finished(1)
+
+    (event,) = recorder.finished
+    assert isinstance(event, MessageEvent)
+    assert (event.message_id, event.text, event.talk_id) == ("m-1", "Привет #done", 117)
+
+
+async def test_form_posted_by_a_client_as_a_dict_is_accepted(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    form = {"talk[add][0][talk_id]": "5", "talk[add][0][is_in_work]": "1"}
+    form["talk[add][0][is_read]"] = "0"
+    async with serve_receiver(receiver) as url:
+        async with http.post(url, data=form) as response:
+            assert response.status == 200
+        await recorder.wait_finished(1)
+
+    assert talk_ids(recorder.finished) == [5]
+
+
+# -------------------------------------------------------------- bad bodies
+
+
+async def test_bad_body_is_400_naming_the_key_and_nothing_is_called(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    bad = delivery(1, 2).replace(b"is_read%5D=1", b"is_read%5D=yes", 1)
+    async with serve_receiver(receiver) as url:
+        async with http.post(url, data=bad) as response:
+            status, text = response.status, await response.text()
+        assert await post(http, url, b"\xff\xfe") == 400
+        await receiver.close()  # waits for anything that was accepted
+
+    assert status == 400
+    assert "talk[update][0][is_read]" in text
+    assert recorder.started == []
+
+
+async def test_delivery_without_modelled_events_is_200_with_no_call(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, b"leads%5Bstatus%5D%5B0%5D%5Bid%5D=1") == 200
+        await receiver.close()
+
+    assert recorder.started == []
+    assert receiver.pending == 0
+
+
+# ------------------------------------------------------------------- bound
+
+
+async def test_delivery_over_the_bound_is_503_and_none_of_it_is_queued(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder(hold=True)
+    receiver = WebhookReceiver(recorder, max_pending=3)
+    async with serve_receiver(receiver) as url:
+        statuses = [
+            await post(http, url, delivery(1, 2)),  # 2 pending
+            await post(http, url, delivery(3, 4)),  # 4 > 3: refused whole
+            await post(http, url, delivery(5)),  # exactly 3
+            await post(http, url, delivery(6)),  # 4 > 3
+        ]
+        pending_at_bound = receiver.pending
+        recorder.release.set()
+        await recorder.wait_finished(3)
+        after_drain = await post(http, url, delivery(7))  # room again
+        await recorder.wait_finished(4)
+
+    assert statuses == [200, 503, 200, 503]
+    assert pending_at_bound == 3
+    assert after_drain == 200
+    assert sorted(talk_ids(recorder.finished)) == [1, 2, 5, 7]
+
+
+async def test_oversized_delivery_is_accepted_when_nothing_is_pending(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder(hold=True)
+    receiver = WebhookReceiver(recorder, max_pending=2)
+    async with serve_receiver(receiver) as url:
+        first = await post(http, url, delivery(1, 2, 3, 4, 5))
+        second = await post(http, url, delivery(6))  # something is pending now
+        recorder.release.set()
+        await recorder.wait_finished(5)
+
+    assert (first, second) == (200, 503)
+    assert talk_ids(recorder.finished) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- failures
+
+
+async def test_callback_failure_is_logged_with_traceback_and_others_go_on(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[int | None] = []
+    done = asyncio.Event()
+
+    async def callback(event: WebhookEvent) -> None:
+        seen.append(event.talk_id)
+        if event.talk_id == 1:
+            raise RuntimeError("bot broke on talk 1")
+        if event.talk_id == 3:
+            done.set()
+
+    receiver = WebhookReceiver(callback)
+    caplog.set_level(logging.ERROR, logger="kommo_talks.webhooks")
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, delivery(1, 2, 3)) == 200
+        async with asyncio.timeout(HANG):
+            await done.wait()
+
+    assert seen == [1, 2, 3]
+    (record,) = [r for r in caplog.records if r.name == "kommo_talks.webhooks"]
+    assert record.levelno == logging.ERROR
+    assert "talk 1" in record.getMessage()
+    assert record.exc_info is not None
+    assert "Traceback" in caplog.text
+    assert "RuntimeError: bot broke on talk 1" in caplog.text
+    assert receiver.pending == 0
+
+
+# ---------------------------------------------------------------- draining
+
+
+async def test_shutdown_waits_for_callbacks_before_the_app_cleanup(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder(hold=True)
+    receiver = WebhookReceiver(recorder)
+    shutdown_started = asyncio.Event()
+    finished_at_cleanup: list[WebhookEvent] = []
+    cleanup_reached = asyncio.Event()
+
+    async def on_shutdown(app: web.Application) -> None:  # runs just before the drain
+        shutdown_started.set()
+
+    async def on_cleanup(app: web.Application) -> None:  # where users close their client
+        finished_at_cleanup.extend(recorder.finished)
+        cleanup_reached.set()
+
+    app = web.Application()
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    receiver.setup(app, PATH)
+    # The same receiver also behind a second app that stays up, to watch it drain.
+    other = web.Application()
+    other.router.add_post(PATH, receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    cleanup: asyncio.Task[None] | None = None
+    try:
+        async with serve(other) as other_url:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            assert await post(http, f"http://{host}:{port}{PATH}", delivery(1, 2)) == 200
+            await recorder.wait_started(1)
+            cleanup = asyncio.create_task(runner.cleanup())
+            async with asyncio.timeout(HANG):
+                await shutdown_started.wait()
+            assert await post(http, other_url, delivery(3)) == 503  # draining now
+            assert not cleanup_reached.is_set()  # held while the callback runs
+    finally:
+        recorder.release.set()
+        await (cleanup if cleanup is not None else runner.cleanup())
+
+    assert talk_ids(finished_at_cleanup) == [1, 2]
+
+
+async def test_close_drains_and_later_deliveries_get_503(http: aiohttp.ClientSession) -> None:
+    recorder = Recorder(hold=True)
+    receiver = WebhookReceiver(recorder)
+    app = web.Application()
+    app.router.add_post(PATH, receiver.handle)  # routed by the user, no setup()
+    async with serve(app) as url:
+        assert await post(http, url, delivery(1)) == 200
+        await recorder.wait_started(1)
+        closing = asyncio.create_task(receiver.close())
+        assert await post(http, url, delivery(2)) == 503
+        still_waiting = not closing.done()
+        recorder.release.set()
+        async with asyncio.timeout(HANG):
+            await closing
+        finished_when_closed = talk_ids(recorder.finished)
+        assert await post(http, url, delivery(3)) == 503
+
+    assert still_waiting
+    assert finished_when_closed == [1]
+    assert receiver.pending == 0
+    await receiver.close()  # idempotent
+
+
+def test_receiver_refuses_nonsense_settings() -> None:
+    with pytest.raises(ValueError, match="max_pending"):
+        WebhookReceiver(Recorder(), max_pending=0)
+    with pytest.raises(ValueError, match="secret"):
+        WebhookReceiver(Recorder(), secret="")
+
+
+# --------------------------------------------------------------- signature
+
+
+def sign(client_id: str, secret: str, account_id: int | str) -> str:
+    message = f"{client_id}|{account_id}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+CLIENT_ID = "0f6a2c3e-1d47-4a8e-9d7b-5a1c9b2f7e10"
+SECRET = "AbCdEf0123456789secret"
+GOOD = sign(CLIENT_ID, SECRET, 29785537)
+
+
+@pytest.mark.parametrize("account_id", [29785537, "29785537"])
+def test_disconnect_signature_accepts_kommos_signature(account_id: int | str) -> None:
+    assert verify_disconnect_signature(
+        client_id=CLIENT_ID, client_secret=SECRET, account_id=account_id, signature=GOOD
+    )
+    assert verify_disconnect_signature(
+        client_id=CLIENT_ID, client_secret=SECRET, account_id=account_id, signature=GOOD.encode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("account_id", "signature"),
+    [
+        (29785538, GOOD),  # another account
+        (29785537, sign(CLIENT_ID, "other-secret", 29785537)),
+        (29785537, sign("other-client", SECRET, 29785537)),
+        (29785537, GOOD[:-1]),
+        (29785537, GOOD.upper()),  # Kommo sends lowercase hex
+        (29785537, ""),
+        (29785537, "é" * 64),
+        (29785537, None),
+        (29785537, 12345),
+        (29785537, ["not", "a", "signature"]),
+    ],
+)
+def test_disconnect_signature_rejects_anything_else(account_id: int, signature: object) -> None:
+    assert not verify_disconnect_signature(
+        client_id=CLIENT_ID, client_secret=SECRET, account_id=account_id, signature=signature
+    )
