@@ -1,0 +1,201 @@
+"""Shared helpers of the batch benchmarks: a fast Talks API stand-in in its own process.
+
+The stand-in answers like Kommo for the two routes a batch uses, as cheaply as
+aiohttp allows (its low-level server, no routing, no middlewares), so that the
+client side is what a benchmark measures:
+
+- ``GET /api/v4/talks/{id}``: the API reference's example talk with that ID
+  (HAL JSON with ``_links`` and ``_embedded``), for any ID;
+- ``POST /api/v4/talks/{id}/close``: 202, always (every close succeeds, so
+  one talk can be closed many times).
+
+It runs in a child process (``multiprocessing``, spawn), optionally pinned to
+one CPU, and reports the CPU time it used when stopped, so a benchmark can
+tell whether the server, not the client, was the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+TOKEN = "bench-long-lived-token"
+
+_EXAMPLE: dict[str, Any] = {
+    "talk_id": 117,
+    "created_at": 1631018291,
+    "updated_at": 1631035929,
+    "rate": 0,
+    "contact_id": 3372695,
+    "chat_id": "88278e98-2b8d-4ae2-a5f0-bfab511cd621",
+    "entity_id": 667999637,
+    "entity_type": "lead",
+    "is_in_work": True,
+    "is_read": True,
+    "origin": "telegram",
+    "missed_at": None,
+    "account_id": 17029541,
+}
+_TALKS_PREFIX = "/api/v4/talks/"
+
+
+def talk_payload(base: str, talk_id: int) -> dict[str, Any]:
+    """The JSON of one talk, as ``GET /api/v4/talks/{id}`` answers it."""
+    body = dict(_EXAMPLE)
+    body["talk_id"] = talk_id
+    body["_links"] = {"self": {"href": f"{base}{_TALKS_PREFIX}{talk_id}"}}
+    body["_embedded"] = {
+        "contacts": [
+            {"id": 3372695, "_links": {"self": {"href": f"{base}/api/v4/contacts/3372695"}}}
+        ],
+        "leads": [
+            {"id": 667999637, "_links": {"self": {"href": f"{base}/api/v4/leads/667999637"}}}
+        ],
+        "customers": [],
+    }
+    return body
+
+
+def pin_to_cpu(cpu: int | None) -> str:
+    """Pin this process to ``cpu`` if the platform allows; say what happened."""
+    if cpu is None:
+        return "not pinned"
+    if not hasattr(os, "sched_setaffinity"):
+        return "not pinned (no sched_setaffinity here)"
+    available = sorted(os.sched_getaffinity(0))
+    if cpu not in available or len(available) < 2:
+        return f"not pinned (CPUs available: {available})"
+    os.sched_setaffinity(0, {cpu})
+    return f"pinned to CPU {cpu}"
+
+
+def _serve(conn: Connection, cpu: int | None) -> None:
+    pinned = pin_to_cpu(cpu)
+    asyncio.run(_serve_async(conn, pinned))
+
+
+async def _serve_async(conn: Connection, pinned: str) -> None:
+    base = ""
+    answered = 0
+    accepted = {"GET", "POST"}
+    auth_header = f"Bearer {TOKEN}"
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal answered
+        answered += 1
+        if request.headers.get("Authorization") != auth_header:
+            return web.Response(status=401)
+        path = request.path
+        if request.method not in accepted or not path.startswith(_TALKS_PREFIX):
+            return web.Response(status=404)
+        rest = path[len(_TALKS_PREFIX) :]
+        if request.method == "POST":
+            await request.read()
+            return web.Response(status=202)
+        if not rest.isdigit():
+            return web.Response(status=404)
+        return web.Response(
+            body=orjson.dumps(talk_payload(base, int(rest))),
+            content_type="application/hal+json",
+        )
+
+    server = web.Server(handler, access_log=None)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(server, "127.0.0.1", 0, backlog=1024)
+    port = listener.sockets[0].getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    conn.send((base, pinned))
+    # Serve until the parent says "stop" (or goes away); answer "usage" with the
+    # CPU time used and the requests answered so far.
+    while True:
+        message = await loop.run_in_executor(None, _receive, conn)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        with contextlib.suppress(OSError):
+            conn.send((usage.ru_utime + usage.ru_stime, answered))
+        if message != "usage":
+            break
+    listener.close()
+    await server.shutdown(1.0)
+
+
+def _receive(conn: Connection) -> object:
+    try:
+        return conn.recv()
+    except EOFError:
+        return None
+
+
+class ServerProcess:
+    """The stand-in server in a child process.
+
+    ``with ServerProcess(cpu=1) as server:`` starts it; ``server.url`` and
+    ``server.token`` address it; :meth:`cpu_seconds` reads its CPU time and
+    request count so far.
+    """
+
+    def __init__(self, cpu: int | None = None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, cpu), daemon=True)
+        self.url = ""
+        self.token = TOKEN
+        self.pinned = ""
+
+    def __enter__(self) -> ServerProcess:
+        self._process.start()
+        if not self._conn.poll(30):
+            raise RuntimeError("the benchmark server did not start")
+        self.url, self.pinned = self._conn.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send("stop")
+            self._conn.poll(5)
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    def cpu_seconds(self) -> tuple[float, int]:
+        """(CPU seconds used, requests answered) by the server so far."""
+        self._conn.send("usage")
+        return self._conn.recv()  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def measured() -> Iterator[dict[str, float]]:
+    """Measure wall and CPU time of the block: ``{"wall": s, "cpu": s}`` once it ends."""
+    result: dict[str, float] = {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield result
+    finally:
+        result["wall"] = time.perf_counter() - wall
+        result["cpu"] = time.process_time() - cpu
+
+
+def current_rss_kib() -> int:
+    """Resident set size now, in KiB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize() // 1024
+    except OSError:
+        return 0
+
+
+def peak_rss_kib() -> int:
+    """The process's peak resident set size so far, in KiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak
