@@ -317,6 +317,13 @@ def _group_text(text: str) -> _Groups:
     talk_update: _Section = {}
     messages: _Section = {}
     account: dict[str, str] = {}
+    if "%5" in text:
+        # Form encoders (PHP's http_build_query) send brackets as %5B/%5D.
+        # Decoding those escapes up front is exactly what unquote would do to
+        # them anywhere in the body, and lets the keys skip unquote_plus.
+        text = text.replace("%5B", "[").replace("%5D", "]")
+        if "%5" in text:
+            text = text.replace("%5b", "[").replace("%5d", "]")
     for pair in text.split("&"):
         key, _, value = pair.partition("=")
         if "%" in key or "+" in key:

@@ -201,6 +201,18 @@ def test_unicode_text_survives_percent_encoding_and_plus_as_space() -> None:
     assert event.author_name == "Zoë Ñandú"
 
 
+def test_encoded_brackets_in_any_case_and_escaped_percent_signs() -> None:
+    body = (
+        "message%5badd%5d%5b0%5d%5bid%5d=m1&message%5Badd%5D%5B0%5D%5Btype%5D=incoming"
+        "&message%5Badd%5D%5B0%5D%5Btext%5D=%255B%5B%255d%5d+%2B"
+    )
+
+    (event,) = parse_webhook(body).events
+
+    assert isinstance(event, MessageEvent)
+    assert (event.message_id, event.text) == ("m1", "%5B[%5d] +")
+
+
 def test_raw_utf8_bytes_are_decoded() -> None:
     body = "message[add][0][id]=m1&message[add][0][type]=outgoing&message[add][0][text]=Olá"
 
