@@ -1,0 +1,210 @@
+"""Benchmarks of kommo_talks.webhooks: parsing cost and receiver throughput.
+
+Run ``python benchmarks/bench_webhooks.py`` from the repository root. It prints:
+
+1. ``parse_webhook`` on a one-event ``talk[update]`` body (about 480 bytes)
+   against ``urllib.parse.parse_qsl`` on the same bytes. Target: at most 2x.
+2. Deliveries per second through a ``WebhookReceiver`` with a no-op callback
+   against a bare aiohttp handler that answers 200. The servers run in this
+   process; the load comes from a separate process (this script with
+   ``--load``), a minimal keep-alive HTTP/1.1 client on loopback, so that the
+   server and not the client is the bottleneck. Target: at least 0.8x.
+
+Numbers depend on the machine; compare the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import timeit
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from urllib.parse import parse_qsl, quote_plus, urlencode
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aiohttp import web
+
+from kommo_talks.webhooks import WebhookEvent, WebhookReceiver, parse_webhook
+
+PATH = "/hook"
+SCRIPT = str(Path(__file__).resolve())
+REQUESTS = 5_000
+WARMUP = 500
+CONNECTIONS = 16
+ROUNDS = 3
+
+PAIRS = [
+    ("talk[update][0][talk_id]", "117"),
+    ("talk[update][0][created_at]", "1700000000"),
+    ("talk[update][0][updated_at]", "1700000123"),
+    ("talk[update][0][rate]", "0"),
+    ("talk[update][0][contact_id]", "3362157"),
+    ("talk[update][0][chat_id]", "33b41601-48c4-4cd4-9b95-4b6e0ac7c5bc"),
+    ("talk[update][0][entity_id]", "12345"),
+    ("talk[update][0][entity_type]", "lead"),
+    ("talk[update][0][is_in_work]", "0"),
+    ("talk[update][0][is_read]", "1"),
+    ("talk[update][0][origin]", "telegram"),
+    ("account[id]", "29785537"),
+    ("account[subdomain]", "example"),
+    ("account[_links][self]", "https://example.kommo.com"),
+]
+# Brackets as written in Kommo's documentation, and percent-encoded as a form
+# encoder (PHP's http_build_query) sends them.
+RAW_BODY_BYTES = "&".join(f"{key}={quote_plus(value)}" for key, value in PAIRS).encode()
+ENCODED_BODY_BYTES = urlencode(PAIRS).encode()
+
+
+# ------------------------------------------------------------------- parsing
+
+
+def per_call_us(func: Callable[[], object], number: int = 20_000, repeat: int = 7) -> float:
+    """Best of ``repeat`` runs, in microseconds per call."""
+    return min(timeit.repeat(func, number=number, repeat=repeat)) / number * 1e6
+
+
+def bench_parse() -> None:
+    print("1. parse_webhook vs urllib.parse.parse_qsl, one talk[update] event")
+    for label, body in (("raw brackets", RAW_BODY_BYTES), ("%5B-encoded", ENCODED_BODY_BYTES)):
+        if len(parse_webhook(body).events) != 1:
+            raise RuntimeError("the benchmark body does not hold one event")
+        baseline = per_call_us(partial(parse_qsl, body))
+        ours = per_call_us(partial(parse_webhook, body))
+        print(
+            f"   {label:<13} {len(body):4d} bytes: parse_qsl {baseline:6.1f} us, "
+            f"parse_webhook {ours:6.1f} us, ratio {ours / baseline:.2f}x (target <= 2x)"
+        )
+
+
+# ---------------------------------------------------------------- throughput
+
+
+async def start(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def run_load(port: int, requests: int) -> float:
+    """Run the load process against ``port``; return its deliveries per second."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        SCRIPT,
+        "--load",
+        str(port),
+        str(requests),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"load process failed with status {process.returncode}")
+    result = json.loads(out)
+    if result["ok"] != requests:
+        raise RuntimeError(f"only {result['ok']} of {requests} deliveries got 200")
+    return float(result["per_second"])
+
+
+async def bench_receiver() -> None:
+    print(
+        f"2. deliveries/s, {REQUESTS} POSTs over {CONNECTIONS} keep-alive connections "
+        f"from another process, best of {ROUNDS}"
+    )
+    handled = 0
+
+    async def noop(event: WebhookEvent) -> None:
+        nonlocal handled
+        handled += 1
+
+    async def bare(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    receiver = WebhookReceiver(noop)
+    receiver_app = web.Application()
+    receiver.setup(receiver_app, PATH)
+    bare_app = web.Application()
+    bare_app.router.add_post(PATH, bare)
+    receiver_runner, receiver_port = await start(receiver_app)
+    bare_runner, bare_port = await start(bare_app)
+    try:
+        await run_load(bare_port, WARMUP)
+        await run_load(receiver_port, WARMUP)
+        bare_rates, receiver_rates = [], []
+        for _ in range(ROUNDS):
+            bare_rates.append(await run_load(bare_port, REQUESTS))
+            receiver_rates.append(await run_load(receiver_port, REQUESTS))
+    finally:
+        await receiver_runner.cleanup()  # drains: every accepted callback ran
+        await bare_runner.cleanup()
+    if handled != WARMUP + ROUNDS * REQUESTS:
+        raise RuntimeError(f"the callback ran {handled} times")
+    bare_best, receiver_best = max(bare_rates), max(receiver_rates)
+    print(f"   bare aiohttp handler     {bare_best:8.0f} /s")
+    print(f"   WebhookReceiver (no-op)  {receiver_best:8.0f} /s  (callback ran {handled} times)")
+    print(f"   ratio {receiver_best / bare_best:.2f}x (target >= 0.8x)")
+
+
+# ---------------------------------------------------------- the load process
+
+
+async def load(port: int, requests: int) -> dict[str, float]:
+    """Send ``requests`` POSTs over CONNECTIONS keep-alive connections."""
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(ENCODED_BODY_BYTES)}\r\n\r\n"
+    ).encode()
+    request = head + ENCODED_BODY_BYTES
+    left = requests
+    ok = 0
+
+    async def worker() -> None:
+        nonlocal left, ok
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while left > 0:
+                left -= 1
+                writer.write(request)
+                status_line = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                if status_line.split(b" ", 2)[1] == b"200":
+                    ok += 1
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
+    elapsed = time.perf_counter() - began
+    return {"ok": ok, "per_second": requests / elapsed}
+
+
+def main() -> None:
+    """Run both benchmarks (or, with ``--load PORT N``, be the load process)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", nargs=2, type=int, metavar=("PORT", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load:
+        print(json.dumps(asyncio.run(load(*args.load))))
+        return
+    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    bench_parse()
+    asyncio.run(bench_receiver())
+
+
+if __name__ == "__main__":
+    main()
