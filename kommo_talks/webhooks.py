@@ -454,11 +454,12 @@ def _in_order(section: _Section) -> list[str]:
 
 
 def _is_index(index: str) -> bool:
-    return index.isascii() and index.isdigit()
+    # At most 9 digits: sorting by int() stays cheap and can never fail.
+    return index.isascii() and index.isdigit() and len(index) <= 9
 
 
 def _raise_bad_index(key: str) -> NoReturn:
-    raise DecodeError(f"{key}: event index is not a number", path=key)
+    raise DecodeError(f"{key}: event index is not a number below 10**9", path=key)
 
 
 def _field_error(
@@ -566,7 +567,9 @@ class WebhookReceiver:
             if self._pending and self._pending + len(events) > self._max_pending:
                 return web.Response(status=503, text="too many pending events")
             self._pending += len(events)
-            # The task only starts once this handler has returned its answer.
+            # The loop first runs this task once the request's task yields:
+            # after aiohttp has written this answer (unless the socket's
+            # buffer is full, when the two interleave).
             task = asyncio.create_task(self._run(events))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -384,7 +384,13 @@ def test_bad_event_among_good_ones_is_named_by_its_own_index() -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["talk[update][x][talk_id]", "talk[add][-1][talk_id]", "message[add][][id]", "talk[update][0]"],
+    [
+        "talk[update][x][talk_id]",
+        "talk[add][-1][talk_id]",
+        "talk[add][1234567890][talk_id]",
+        "message[add][][id]",
+        "talk[update][0]",
+    ],
 )
 def test_malformed_index_is_named_by_key(key: str) -> None:
     assert decode_error(f"{key}=1").path == key
