@@ -43,8 +43,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-import redis.exceptions
-from redis.asyncio.lock import Lock
+try:
+    import redis.exceptions
+    from redis.asyncio.lock import Lock
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "kommo_talks.redis needs redis-py: install the extra, pip install 'kommo-talks[redis]'"
+    ) from exc
 
 from .errors import KommoError, TokenStoreError
 from .ratelimit import DEFAULT_MARGIN, window_for_rate

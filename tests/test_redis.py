@@ -104,6 +104,20 @@ def test_importing_kommo_talks_does_not_import_redis() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_without_redis_py_the_import_error_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "try:\n    import kommo_talks.redis\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'kommo-talks[redis]'" in result.stdout
+
+
 def test_the_redis_pieces_satisfy_the_protocols(r: redis.asyncio.Redis) -> None:
     assert isinstance(RedisRateLimiter(r, "k", 7), RateLimiter)
     assert isinstance(RedisTokenStore(r, "k"), TokenStore)
