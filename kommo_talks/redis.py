@@ -82,7 +82,8 @@ class RedisUnavailableError(KommoError):
         key: the Redis key involved.
     """
 
-    def __init__(self, message: str, *, operation: str, key: str) -> None:
+    # Defaults only so that pickling (which calls cls(message)) works.
+    def __init__(self, message: str, *, operation: str = "", key: str = "") -> None:
         self.operation = operation
         self.key = key
         super().__init__(message)

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -337,6 +338,12 @@ async def test_limiter_raises_naming_redis_when_it_is_down(own_server: RedisServ
         assert caught.value.key == "rate"
         assert caught.value.operation == "reserve a request slot"
         assert isinstance(caught.value.__cause__, redis.exceptions.ConnectionError)
+        copy = pickle.loads(pickle.dumps(caught.value))  # noqa: S301 (a process pool does this)
+        assert (str(copy), copy.key, copy.operation) == (
+            str(caught.value),
+            "rate",
+            "reserve a request slot",
+        )
     finally:
         await client.aclose()
 
