@@ -134,8 +134,9 @@ class KommoClient:
             documented limit), a :class:`RateLimiter`, or ``None`` for none.
         timeout: seconds per request attempt, or an ``aiohttp.ClientTimeout``.
         max_connections: connection pool size of the client's own session.
-        sleep, clock, rng: the sleep function, monotonic clock and random
-            generator of the retry loop and limiter; tests pass fakes.
+        sleep: the sleep function of the retry loop and limiter (tests pass a fake).
+        clock: the monotonic clock of the retry loop and limiter.
+        rng: the random generator of the backoff jitter.
 
     Use it as ``async with KommoClient(...) as client:`` or call
     :meth:`close`. Redirects are never followed, so the ``Authorization``

@@ -349,9 +349,12 @@ class OAuth2:
         Args:
             base_url: the account's address, e.g. ``https://example.kommo.com``.
             code: the ``code`` Kommo sent to the redirect URI.
-            client_id, client_secret, redirect_uri: the integration's.
+            client_id: the integration's ID.
+            client_secret: the integration's secret key.
+            redirect_uri: the integration's redirect URI.
             store: where to save the pair.
-            session, retry: passed to the temporary client.
+            session: an aiohttp session for the temporary client to borrow.
+            retry: the temporary client's retry policy.
 
         Raises:
             ValueError: a bad ``base_url`` or an empty argument (nothing sent).

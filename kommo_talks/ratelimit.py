@@ -66,8 +66,8 @@ class SlidingWindowRateLimiter:
     Args:
         rate: requests per second (see :func:`window_for_rate`).
         margin: extra seconds added to the window (see the module docstring).
-        clock, sleep: the monotonic clock and the sleep function; tests pass
-            fake ones.
+        clock: the monotonic clock (tests pass a fake one).
+        sleep: the sleep function (tests pass a fake one).
 
     Waiters are served strictly in arrival order (an :class:`asyncio.Lock`
     is FIFO), so no task starves under load. A waiter that is cancelled

@@ -47,7 +47,7 @@ def _non_negative(_: Any, attribute: attrs.Attribute[float], value: float) -> No
 class RetryPolicy:
     """How a request is retried.
 
-    Args:
+    Attributes:
         max_attempts: attempts per call, retries and the replay after a token
             refresh included. ``1`` disables retries.
         base_delay: the backoff of the first retry, in seconds; it doubles on
