@@ -225,7 +225,7 @@ class BatchReport:
         if self.stop_error is not None:
             return f"the batch stopped: {reason(self.stop_error)}"
         if self.interrupted:
-            return "interrupted"
+            return "interrupted; those in flight at that moment may have been closed"
         return "the batch ended early"
 
     def records(self) -> list[dict[str, Any]]:
