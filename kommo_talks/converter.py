@@ -89,17 +89,14 @@ def _unstructure_self_href(href: str | None) -> dict[str, Any]:
     return {"self": {"href": href}}
 
 
-_structure_ref_tuple = converter.get_structure_hook(tuple[EntityRef, ...])
-
-
 def _structure_refs(value: Any, _: Any) -> tuple[EntityRef, ...]:
     if type(value) is not list:
         raise TypeError(f"expected an array, got {_describe(value)}")
-    return _structure_ref_tuple(value, tuple[EntityRef, ...])  # type: ignore[no-any-return]
+    return converter.structure(value, tuple[EntityRef, ...])
 
 
 def _unstructure_refs(refs: tuple[EntityRef, ...]) -> list[dict[str, Any]]:
-    return [_unstructure_entity_ref(ref) for ref in refs]
+    return [converter.unstructure(ref, EntityRef) for ref in refs]
 
 
 def _structure_embedded(value: Any, _: Any) -> TalkEmbedded:
@@ -107,7 +104,7 @@ def _structure_embedded(value: Any, _: Any) -> TalkEmbedded:
         return TalkEmbedded()
     if type(value) is not dict:
         raise TypeError(f"expected an object, got {_describe(value)}")
-    return _structure_talk_embedded(value, TalkEmbedded)
+    return converter.structure(value, TalkEmbedded)
 
 
 _self_url = override(
@@ -117,31 +114,24 @@ _self_url = override(
     unstruct_hook=_unstructure_self_href,
 )
 _refs = override(struct_hook=_structure_refs, unstruct_hook=_unstructure_refs)
+_OVERRIDES: dict[type[Any], dict[str, Any]] = {
+    EntityRef: {"href": _self_url},
+    TalkEmbedded: {"contacts": _refs, "leads": _refs, "customers": _refs},
+    Talk: {
+        "embedded": override(rename="_embedded", struct_hook=_structure_embedded),
+        "self_url": _self_url,
+    },
+}
 
-converter.register_structure_hook(
-    EntityRef, make_dict_structure_fn(EntityRef, converter, href=_self_url)
+# The hooks are generated on first use, not at import: `import kommo_talks`
+# stays light, and the client's hot path (`structure_talk`) rarely needs them.
+converter.register_structure_hook_factory(
+    lambda cls: cls in _OVERRIDES,
+    lambda cls: make_dict_structure_fn(cls, converter, **_OVERRIDES[cls]),
 )
-_unstructure_entity_ref = make_dict_unstructure_fn(EntityRef, converter, href=_self_url)
-converter.register_unstructure_hook(EntityRef, _unstructure_entity_ref)
-
-_structure_talk_embedded = make_dict_structure_fn(
-    TalkEmbedded, converter, contacts=_refs, leads=_refs, customers=_refs
-)
-converter.register_structure_hook(TalkEmbedded, _structure_talk_embedded)
-converter.register_unstructure_hook(
-    TalkEmbedded,
-    make_dict_unstructure_fn(TalkEmbedded, converter, contacts=_refs, leads=_refs, customers=_refs),
-)
-
-_embedded = override(rename="_embedded", struct_hook=_structure_embedded)
-converter.register_structure_hook(
-    Talk, make_dict_structure_fn(Talk, converter, embedded=_embedded, self_url=_self_url)
-)
-converter.register_unstructure_hook(
-    Talk,
-    make_dict_unstructure_fn(
-        Talk, converter, embedded=override(rename="_embedded"), self_url=_self_url
-    ),
+converter.register_unstructure_hook_factory(
+    lambda cls: cls in _OVERRIDES,
+    lambda cls: make_dict_unstructure_fn(cls, converter, **_OVERRIDES[cls]),
 )
 
 
