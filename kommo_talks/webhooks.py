@@ -16,12 +16,13 @@ Closing a talk shows up as a ``talk[update]`` whose ``is_in_work`` is ``"0"``:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import unquote_plus
 
 import attrs
@@ -248,9 +249,15 @@ _MESSAGE_FIELDS = {
 _TALK_WIRE = {name: wire[:-1] for wire, name in _TALK_FIELDS.items()}
 _MESSAGE_WIRE = {name: wire[:-1] for wire, name in _MESSAGE_FIELDS.items()}
 
-_TALK_ADD = "talk[add]["
-_TALK_UPDATE = "talk[update]["
-_MESSAGE_ADD = "message[add]["
+# Key prefix -> (section number, its fields). Sections are numbered in the
+# order their events are delivered: talk[add], talk[update], message[add].
+_SECTIONS = (
+    ("talk[add][", _TALK_FIELDS),
+    ("talk[update][", _TALK_FIELDS),
+    ("message[add][", _MESSAGE_FIELDS),
+)
+_ACCOUNT = 3
+_ACCOUNT_KEYS = frozenset(("account[id]", "account[subdomain]"))
 
 # --------------------------------------------------------------------- the parser
 
@@ -304,19 +311,58 @@ def _too_many(max_fields: int) -> DecodeError:
 
 # index -> {attribute name: value}; values are str until _build adds the account.
 _Section = dict[str, dict[str, Any]]
-_Groups = tuple[_Section, _Section, _Section, dict[str, str]]
+# The three event sections in order, then the account's {form key: value}.
+_Groups = tuple[_Section, _Section, _Section, dict[str, Any]]
+
+
+def _classify(key: str) -> tuple[int, str, str] | None:
+    """What a form key holds: ``(section, index, attribute)``, or ``None`` to ignore it.
+
+    The account's keys give ``(_ACCOUNT, "", key)``. Parsers call it through
+    :func:`_classify_cached` for short keys (see there).
+
+    Raises:
+        DecodeError: a key of a modelled section whose index is not a number,
+            or that does not end in ``[field]``.
+    """
+    if key in _ACCOUNT_KEYS:
+        return _ACCOUNT, "", key
+    for number, (prefix, fields) in enumerate(_SECTIONS):
+        if key.startswith(prefix):
+            index, _, wire = key[len(prefix) :].partition("][")
+            if not wire.endswith("]"):
+                raise DecodeError(
+                    f"{key}: malformed webhook key (expected section[N][field])", path=key
+                )
+            name = fields.get(wire)
+            if name is None:
+                return None
+            # At most 9 digits: sorting by int() stays cheap and can never fail.
+            if not (index.isascii() and index.isdigit() and len(index) <= 9):
+                raise DecodeError(f"{key}: event index is not a number below 10**9", path=key)
+            return number, index, name
+    return None
+
+
+_classify_cached = functools.lru_cache(maxsize=4096)(_classify)
+"""``_classify`` for keys of at most ``_CACHED_KEY_LENGTH`` characters.
+
+Kommo sends the same few dozen keys in every delivery. Count and length
+bound the cache's memory (under 1 MB) whatever keys a sender makes up;
+longer keys (none of Kommo's) are classified afresh each time.
+"""
+_CACHED_KEY_LENGTH = 64
 
 
 def _group_text(text: str) -> _Groups:
     """Split a form body into the sections we model, keeping only known fields.
 
-    This is the hot path: one ``split``, ``unquote_plus`` only where ``%`` or
-    ``+`` occurs, and values of ignored fields are never decoded.
+    This is the hot path: one ``split``, one cached look-up per key,
+    ``unquote_plus`` only where ``%`` or ``+`` occurs, and values of ignored
+    fields are never decoded.
     """
-    talk_add: _Section = {}
-    talk_update: _Section = {}
-    messages: _Section = {}
-    account: dict[str, str] = {}
+    sections: tuple[_Section, _Section, _Section] = ({}, {}, {})
+    account: dict[str, Any] = {}
     if "%5" in text:
         # Form encoders (PHP's http_build_query) send brackets as %5B/%5D.
         # Decoding those escapes up front is exactly what unquote would do to
@@ -328,77 +374,46 @@ def _group_text(text: str) -> _Groups:
         key, _, value = pair.partition("=")
         if "%" in key or "+" in key:
             key = _unquote(key, key)
-        if key.startswith(_TALK_UPDATE):
-            section, fields, rest = talk_update, _TALK_FIELDS, key[13:]
-        elif key.startswith(_TALK_ADD):
-            section, fields, rest = talk_add, _TALK_FIELDS, key[10:]
-        elif key.startswith(_MESSAGE_ADD):
-            section, fields, rest = messages, _MESSAGE_FIELDS, key[13:]
-        elif key == "account[id]" or key == "account[subdomain]":
-            if value:
-                account[key] = _unquote(value, key) if "%" in value or "+" in value else value
-            continue
-        else:
-            continue
-        index, _, wire = rest.partition("][")
-        name = fields.get(wire)
-        if name is None:
-            if not wire.endswith("]"):
-                raise _bad_key(key)
-            continue
-        if not value:
+        spec = _classify_cached(key) if len(key) <= _CACHED_KEY_LENGTH else _classify(key)
+        if spec is None or not value:
             continue
         if "%" in value or "+" in value:
             value = _unquote(value, key)
+        number, index, name = spec
+        if number == _ACCOUNT:
+            account[name] = value
+            continue
+        section = sections[number]
         event = section.get(index)
         if event is None:
-            section[index] = {name: value} if _is_index(index) else _raise_bad_index(key)
+            section[index] = {name: value}
         else:
             event[name] = value
-    return talk_add, talk_update, messages, account
+    return (*sections, account)
 
 
-def _group_items(items: Iterable[tuple[str, Any]]) -> _Groups:
+def _group_items(items: Iterable[tuple[Any, Any]]) -> _Groups:
     """:func:`_group_text` for keys and values that are already decoded."""
-    talk_add: _Section = {}
-    talk_update: _Section = {}
-    messages: _Section = {}
-    account: dict[str, str] = {}
+    sections: tuple[_Section, _Section, _Section] = ({}, {}, {})
+    account: dict[str, Any] = {}
     for key, value in items:
         if type(key) is not str:
             raise DecodeError(f"webhook form key is not a string: {_show(key)}")
-        if key.startswith(_TALK_UPDATE):
-            section, fields, rest = talk_update, _TALK_FIELDS, key[13:]
-        elif key.startswith(_TALK_ADD):
-            section, fields, rest = talk_add, _TALK_FIELDS, key[10:]
-        elif key.startswith(_MESSAGE_ADD):
-            section, fields, rest = messages, _MESSAGE_FIELDS, key[13:]
-        elif key == "account[id]" or key == "account[subdomain]":
-            if value:
-                account[key] = _text_value(key, value)
+        spec = _classify_cached(key) if len(key) <= _CACHED_KEY_LENGTH else _classify(key)
+        if spec is None:
             continue
-        else:
+        if not isinstance(value, str):
+            raise DecodeError(
+                f"{key}: expected a string value, got {type(value).__name__}", path=key
+            )
+        if not value:
             continue
-        value = _text_value(key, value)
-        index, _, wire = rest.partition("][")
-        name = fields.get(wire)
-        if name is None:
-            if not wire.endswith("]"):
-                raise _bad_key(key)
+        number, index, name = spec
+        if number == _ACCOUNT:
+            account[name] = value
             continue
-        if value:
-            event = section.get(index)
-            if event is None:
-                section[index] = {name: value} if _is_index(index) else _raise_bad_index(key)
-            else:
-                event[name] = value
-    return talk_add, talk_update, messages, account
-
-
-def _text_value(key: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise DecodeError(f"{key}: expected a string value, got {type(value).__name__}", path=key)
-    return value
+        sections[number].setdefault(index, {})[name] = value
+    return (*sections, account)
 
 
 def _unquote(text: str, key: str) -> str:
@@ -408,12 +423,8 @@ def _unquote(text: str, key: str) -> str:
         raise DecodeError(f"{key}: percent-encoded bytes are not UTF-8", path=key) from None
 
 
-def _bad_key(key: str) -> DecodeError:
-    return DecodeError(f"{key}: malformed webhook key (expected section[N][field])", path=key)
-
-
 def _build(
-    talk_add: _Section, talk_update: _Section, messages: _Section, account: dict[str, str]
+    talk_add: _Section, talk_update: _Section, messages: _Section, account: dict[str, Any]
 ) -> Webhook:
     account_id = None
     subdomain = account.get("account[subdomain]")
@@ -451,15 +462,6 @@ def _build(
 def _in_order(section: _Section) -> list[str]:
     """The section's indexes (checked numbers) in numeric order."""
     return sorted(section, key=int) if len(section) > 1 else list(section)
-
-
-def _is_index(index: str) -> bool:
-    # At most 9 digits: sorting by int() stays cheap and can never fail.
-    return index.isascii() and index.isdigit() and len(index) <= 9
-
-
-def _raise_bad_index(key: str) -> NoReturn:
-    raise DecodeError(f"{key}: event index is not a number below 10**9", path=key)
 
 
 def _field_error(

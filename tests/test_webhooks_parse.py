@@ -272,6 +272,15 @@ def test_unknown_sections_and_fields_are_ignored() -> None:
     assert [type(e) for e in events] == [TalkEvent, MessageEvent]
 
 
+def test_long_keys_are_classified_like_short_ones() -> None:
+    long_unknown = "leads[add][0][custom_fields][0][values][0][" + "x" * 80 + "]"
+    body = f"{long_unknown}=1&{talk('update', 0, 1)}"
+
+    assert len(parse_webhook(body).events) == 1
+    long_bad = "talk[update][" + "0" * 70 + "][talk_id]"
+    assert decode_error(f"{long_bad}=1").path == long_bad
+
+
 def test_delivery_of_only_other_sections_has_no_events() -> None:
     webhook = parse_webhook("leads[add][0][id]=1&account[id]=5&account[subdomain]=x")
 
