@@ -278,9 +278,11 @@ def parse_webhook(
             ``"talk[update][0][talk_id]"``) when a required field is missing
             (``talk_id``, ``is_in_work``, ``is_read``; a message's ``id``,
             ``type``), an integer field or ``account[id]`` is not an integer,
-            a flag is not ``0``/``1``, or an event index is not a number; also
-            (``path`` ``None``) for a body that is not UTF-8 or that has more
-            than ``max_fields`` fields, which is refused before it is parsed.
+            a flag is not ``0``/``1``, an event index is not a number below
+            10**9, or a key of a modelled section does not end in
+            ``[field]``; also (``path`` ``None``) for a body that is not UTF-8
+            or that has more than ``max_fields`` fields (counted by their
+            ``&`` separators, before anything else is done).
         TypeError: ``body`` is none of the types above.
     """
     if isinstance(body, str):
