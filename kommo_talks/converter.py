@@ -22,7 +22,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 from .models import EntityRef, Talk, TalkEmbedded
 
-__all__ = ["converter", "describe_validation_error", "structure_talk"]
+__all__ = ["converter", "describe_validation_error", "structure_talk", "structure_talks"]
 
 T = TypeVar("T")
 
@@ -186,6 +186,8 @@ def _fast_refs(value: Any) -> tuple[EntityRef, ...]:
 
 
 def _fast_talk(data: Any) -> Talk:
+    if type(data) is not dict:
+        raise _Unusual
     talk_id = data["talk_id"]
     created_at = data["created_at"]
     updated_at = data["updated_at"]
@@ -263,3 +265,17 @@ def structure_talk(data: Any, _: Any = None) -> Talk:
         except (_Unusual, LookupError, TypeError, ValueError, OverflowError, OSError):
             pass
     return converter.structure(data, Talk)
+
+
+def structure_talks(items: list[Any]) -> tuple[Talk, ...]:
+    """Build the talks of a list page, as ``converter.structure(items, tuple[Talk, ...])``.
+
+    Every item goes through the fast path of :func:`structure_talk`; if any
+    is unusual, the whole list goes to the converter, whose error then names
+    the item's index (``[3].talk_id``).
+    """
+    try:
+        return tuple([_fast_talk(item) for item in items])
+    except (_Unusual, LookupError, TypeError, ValueError, OverflowError, OSError):
+        pass
+    return converter.structure(items, tuple[Talk, ...])

@@ -17,7 +17,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 from yarl import URL
 
-from .converter import converter, describe_validation_error
+from .converter import converter, describe_validation_error, structure_talks
 from .errors import DecodeError
 from .models import Talk
 from .urls import same_origin
@@ -56,7 +56,7 @@ def _structure_talk_list(value: Any, _: Any) -> tuple[Talk, ...]:
     # Checked here: cattrs' tuple hook would iterate a string or a dict.
     if type(value) is not list:
         raise TypeError(f"expected an array, got {_describe(value)}")
-    return _structure_talks(value, tuple[Talk, ...])  # type: ignore[no-any-return]
+    return structure_talks(value)
 
 
 def _structure_embedded(value: Any, _: Any) -> TalksPage:
@@ -65,7 +65,6 @@ def _structure_embedded(value: Any, _: Any) -> TalksPage:
     return _structure_page(value, TalksPage)
 
 
-_structure_talks = converter.get_structure_hook(tuple[Talk, ...])
 _structure_page = make_dict_structure_fn(
     TalksPage, converter, talks=override(struct_hook=_structure_talk_list)
 )

@@ -12,7 +12,7 @@ import cattrs
 import pytest
 
 from kommo_talks import EntityRef, Talk, TalkEmbedded, converter
-from kommo_talks.converter import describe_validation_error, structure_talk
+from kommo_talks.converter import describe_validation_error, structure_talk, structure_talks
 
 # The response example of GET /api/v4/talks/{id} in Kommo's reference, verbatim.
 DOCUMENTED: dict[str, Any] = json.loads(
@@ -169,3 +169,15 @@ def test_client_fast_path_agrees_with_the_converter(change: Any) -> None:
         got = describe_validation_error(error)
 
     assert got == expected
+
+
+def test_list_fast_path_agrees_and_names_the_bad_item() -> None:
+    good = [copy.deepcopy(DOCUMENTED) for _ in range(3)]
+    assert structure_talks(good) == converter.structure(copy.deepcopy(good), tuple[Talk, ...])
+
+    bad = copy.deepcopy(good)
+    bad[2]["talk_id"] = "3"
+    with pytest.raises(cattrs.BaseValidationError) as caught:
+        structure_talks(bad)
+    _, path = describe_validation_error(caught.value)
+    assert path == "[2].talk_id"
