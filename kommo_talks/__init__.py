@@ -11,6 +11,7 @@ from .client import KommoClient
 from .converter import converter
 from .errors import (
     APIError,
+    CoordinationError,
     DecodeError,
     ForbiddenError,
     KommoError,
@@ -35,6 +36,7 @@ __all__ = [
     "APIError",
     "CloseOutcome",
     "CloseStatus",
+    "CoordinationError",
     "DecodeError",
     "EntityRef",
     "FileTokenStore",

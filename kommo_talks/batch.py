@@ -39,7 +39,14 @@ from collections.abc import (
 from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, cast
 
 from .client import check_talk_id, send_gate
-from .errors import ForbiddenError, KommoError, RateLimitError, ServerError, TalkAlreadyClosedError
+from .errors import (
+    CoordinationError,
+    ForbiddenError,
+    KommoError,
+    RateLimitError,
+    ServerError,
+    TalkAlreadyClosedError,
+)
 from .models import CloseOutcome, CloseStatus, Talk
 
 if TYPE_CHECKING:
@@ -63,11 +70,14 @@ _WORKER_NAME: Final = "kommo-talks batch worker"
 def is_stop_error(error: KommoError, max_delay: float) -> bool:
     """True if ``error`` must stop a batch.
 
-    That is an IP/account block (:attr:`ForbiddenError.is_block`), or a
+    That is an IP/account block (:attr:`ForbiddenError.is_block`), a
     :class:`RateLimitError` / :class:`ServerError` whose ``retry_after`` is
-    longer than ``max_delay``: sending on through either is how accounts get
-    blocked (or stay blocked).
+    longer than ``max_delay`` (sending on through either is how accounts get
+    blocked, or stay blocked), or a :class:`CoordinationError` (the shared
+    limiter or token store is down: every other talk would fail alike).
     """
+    if isinstance(error, CoordinationError):
+        return True
     if isinstance(error, ForbiddenError):
         return error.is_block
     if isinstance(error, RateLimitError | ServerError):

@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "APIError",
+    "CoordinationError",
     "DecodeError",
     "ForbiddenError",
     "KommoError",
@@ -196,6 +197,14 @@ class TokenStoreError(TokenRefreshError):
 
     The store is left as it was: a corrupt file is never overwritten by the
     SDK, except by :meth:`OAuth2.exchange_code`, which is how a user recovers.
+    """
+
+
+class CoordinationError(KommoError):
+    """A service that coordinates several clients (Redis) cannot be used.
+
+    Nothing is sent on a guess instead: a batch stops at the first one, as it
+    does at an IP block, since every other talk would fail the same way.
     """
 
 

@@ -51,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
         "kommo_talks.redis needs redis-py: install the extra, pip install 'kommo-talks[redis]'"
     ) from exc
 
-from .errors import KommoError, TokenStoreError
+from .errors import CoordinationError, TokenStoreError
 from .ratelimit import DEFAULT_MARGIN, window_for_rate
 from .tokens import TokenSet
 
@@ -68,7 +68,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class RedisUnavailableError(KommoError):
+class RedisUnavailableError(CoordinationError):
     """Redis could not be reached, timed out, or refused a command.
 
     Raised by :class:`RedisRateLimiter` and :class:`RedisTokenStore` instead of

@@ -14,6 +14,7 @@ from conftest import FAST_RETRY, FakeClock
 from kommo_talks import (
     CloseOutcome,
     CloseStatus,
+    CoordinationError,
     ForbiddenError,
     KommoClient,
     KommoError,
@@ -259,6 +260,37 @@ async def test_a_block_stops_the_batch_in_flight_requests_keep_their_outcome(
     assert sum(o.status is CloseStatus.CLOSED for o in outcomes) == 2
     assert run.unsent == []
     assert fake.stats.by_route["close"] == 3  # no new request after the block
+
+
+class LimiterThatGoesDown:
+    """A shared limiter whose coordinator stops answering after ``allowed`` slots."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.calls = 0
+
+    async def acquire(self) -> None:
+        self.calls += 1
+        if self.calls > self.allowed:
+            raise CoordinationError("the shared limiter is unreachable")
+
+
+async def test_a_coordination_failure_stops_the_batch(fake: FakeKommo) -> None:
+    source = CountingIterator(list(range(1, 31)))
+    limiter = LimiterThatGoesDown(allowed=2)
+    async with KommoClient(
+        fake.url, auth=LongLivedToken(fake.token), retry=FAST_RETRY, rate_limit=limiter
+    ) as client:
+        outcomes = await client.close_talks(source, force=True, concurrency=1)
+
+    assert [o.status for o in outcomes] == [
+        CloseStatus.CLOSED,
+        CloseStatus.CLOSED,
+        CloseStatus.FAILED,
+    ]
+    assert isinstance(outcomes[2].error, CoordinationError)
+    assert source.taken == 3  # nothing more is read, nothing more is sent
+    assert fake.stats.by_route["close"] == 2
 
 
 async def test_ids_read_but_not_sent_at_a_block_fail_with_the_stopping_error(
