@@ -14,7 +14,7 @@ shared limit is what paces them, twice:
   that have been running for a while).
 
 The limiter cannot see the time a request spends after its turn: a cold
-process's first sends reach the server several ms late, and the 10 ms margin
+process's first sends reach the server several ms late, and the 25 ms margin
 is what absorbs that (see ``kommo_talks.ratelimit``); on a loaded two-core
 machine it sometimes does not, and the cold run then shows a 429.
 
@@ -22,7 +22,7 @@ Figures, with their targets:
 
 - achieved rate / R: N sends at exactly R/s take N/R seconds, the last one
   occupying 1/R; the achieved rate is N / (last send - first send + 1/R), as
-  timed by the server. The limiter paces turns (1 s + its 10 ms margin) / R
+  timed by the server. The limiter paces turns (1 s + its 25 ms margin) / R
   apart, so about 0.99 is the ceiling. Target ≥ 0.95.
 - 429s answered by the fake. Target 0.
 - the most sends the server saw in any rolling second (≤ R by construction).
@@ -224,7 +224,7 @@ def main() -> None:
     ok = asyncio.run(bench())
     print("all targets met" if ok else "some targets missed")
     if hasattr(os, "getloadavg"):
-        # A send that leaves over 10 ms late (the margin) draws a 429 from an exact
+        # A send that leaves over 25 ms late (the margin) draws a 429 from an exact
         # window: other work on the machine shows up in these figures.
         load = os.getloadavg()[0]
         print(f"machine load average (1 min) {load:.2f} on {os.cpu_count()} CPUs")

@@ -11,11 +11,13 @@ to 2R (measured: aiolimiter's ``AsyncLimiter(7, 1)`` drew 12-14 429s in 70
 requests). A bucket of size 1 (one request every 1/R s) is safe but slower
 than needed. Remembering the last ⌊R⌋ send times and letting request *n* go
 only ``window + margin`` after request *n - R* is exactly the server's rule,
-so it is both safe and as fast as the law allows (70 requests at 7/s in about
-9.1 s). The margin covers requests that leave late: the first ones pay for
-new connections and reach the server later than their turn, so the next
-window's first request could otherwise be seen less than a window after
-them.
+so it is both safe and nearly as fast as the law allows (70 requests at 7/s
+in about 9.3 s, against the 9.0 s floor). The margin covers requests that
+reach the server late: the first ones, and any after a dropped connection, pay
+for new connections, and a busy event loop sends late, so the next window's
+first request could otherwise be seen less than a window after them. 10 ms
+drew a few 429s per 1,000 closes with 20 % dropped connections on two busy
+cores; 25 ms drew none, and costs 2.5 % of a window.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Protocol, runtime_checkable
 
 __all__ = ["DEFAULT_MARGIN", "RateLimiter", "SlidingWindowRateLimiter", "window_for_rate"]
 
-DEFAULT_MARGIN = 0.010
+DEFAULT_MARGIN = 0.025
 """Seconds added to every window: slack for requests that reach the server late."""
 
 

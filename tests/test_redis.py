@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import pickle
 import signal
@@ -209,13 +210,14 @@ async def test_callers_of_one_process_are_served_in_order(r: redis.asyncio.Redis
 
 
 async def test_idle_key_expires_once_its_next_turn_has_passed(r: redis.asyncio.Redis) -> None:
-    limiter = RedisRateLimiter(r, "rate", 2)  # a turn every 505 ms
+    limiter = RedisRateLimiter(r, "rate", 2)  # a turn every (1 s + margin) / 2
     await limiter.reserve()
-    assert 0 < await r.pttl("rate") <= 506
+    assert 0 < await r.pttl("rate") <= math.ceil((1 + DEFAULT_MARGIN) / 2 * 1000) + 1
     for _ in range(4):
         await limiter.reserve()
-    # The last turn is ~2.02 s ahead; the key lives until the turn after it.
-    assert 2400 < await r.pttl("rate") <= 2526
+    # Five turns taken: the key lives until the sixth, five intervals ahead.
+    interval_ms = (1 + DEFAULT_MARGIN) / 2 * 1000
+    assert 5 * interval_ms - 150 < await r.pttl("rate") <= math.ceil(5 * interval_ms) + 1
 
 
 async def test_turns_use_the_servers_clock_not_the_callers(r: redis.asyncio.Redis) -> None:
@@ -224,7 +226,7 @@ async def test_turns_use_the_servers_clock_not_the_callers(r: redis.asyncio.Redi
     seconds, micros = await r.time()
     server_now = seconds * 1_000_000 + micros
     following = int(await r.get("rate"))  # the next free turn, on the server's clock
-    assert 0 < following - server_now <= 1_010_000
+    assert 0 < following - server_now <= round((1 + DEFAULT_MARGIN) * 1_000_000)
 
 
 async def test_late_waker_gives_its_turn_up_once(r: redis.asyncio.Redis) -> None:
