@@ -59,6 +59,11 @@ class LongLivedToken:
     def __repr__(self) -> str:
         return "LongLivedToken(<redacted>)"
 
+    @property
+    def token(self) -> str:
+        """The token itself (kept out of ``repr``)."""
+        return self._token
+
     async def access_token(self, endpoint: TokenEndpoint) -> str:
         """Return the token."""
         return self._token

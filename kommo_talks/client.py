@@ -165,6 +165,7 @@ class KommoClient:
         if not callable(getattr(auth, "access_token", None)):
             raise ValueError(f"auth must be LongLivedToken or OAuth2, got {type(auth).__name__}")
         self._auth: Auth = auth
+        self._static_token = auth.token if isinstance(auth, LongLivedToken) else None
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise ValueError("session must be an aiohttp.ClientSession")
         if retry is None:
@@ -387,6 +388,7 @@ class KommoClient:
         session = self._session_or_raise()
         policy = self.retry
         auth = self._auth
+        static_token = self._static_token
         attempt = 0
         ambiguous = False
         refreshed = False
@@ -395,8 +397,11 @@ class KommoClient:
             attempt += 1
             if gate is not None:
                 gate(False)
-            token = await auth.access_token(self)
-            await self._pass_gates(method, url)
+            # A long-lived token needs no await, and with no limiter and no pause
+            # there is nothing to wait for: the common path skips two coroutines.
+            token = static_token or await auth.access_token(self)
+            if self._limiter is not None or self._pause.remaining() > 0:
+                await self._pass_gates(method, url)
             if gate is not None:
                 gate(True)
             started = self._clock()
