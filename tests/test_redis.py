@@ -53,20 +53,6 @@ BOUND = 10.0
 SLACK = 0.05
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-async def r(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
-    await client.flushdb()
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture
 async def r2(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
     """A second connection, as another process would have."""
