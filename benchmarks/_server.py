@@ -30,41 +30,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kommo_talks.testing._fake import example_talk
+from kommo_talks.testing._fake import talk_payload as fake_talk_payload
+
 TOKEN = "bench-long-lived-token"
 
-_EXAMPLE: dict[str, Any] = {
-    "talk_id": 117,
-    "created_at": 1631018291,
-    "updated_at": 1631035929,
-    "rate": 0,
-    "contact_id": 3372695,
-    "chat_id": "88278e98-2b8d-4ae2-a5f0-bfab511cd621",
-    "entity_id": 667999637,
-    "entity_type": "lead",
-    "is_in_work": True,
-    "is_read": True,
-    "origin": "telegram",
-    "missed_at": None,
-    "account_id": 17029541,
-}
 _TALKS_PREFIX = "/api/v4/talks/"
 
 
 def talk_payload(base: str, talk_id: int) -> dict[str, Any]:
-    """The JSON of one talk, as ``GET /api/v4/talks/{id}`` answers it."""
-    body = dict(_EXAMPLE)
-    body["talk_id"] = talk_id
-    body["_links"] = {"self": {"href": f"{base}{_TALKS_PREFIX}{talk_id}"}}
-    body["_embedded"] = {
-        "contacts": [
-            {"id": 3372695, "_links": {"self": {"href": f"{base}/api/v4/contacts/3372695"}}}
-        ],
-        "leads": [
-            {"id": 667999637, "_links": {"self": {"href": f"{base}/api/v4/leads/667999637"}}}
-        ],
-        "customers": [],
-    }
-    return body
+    """The JSON of one talk, as ``GET /api/v4/talks/{id}`` answers it (FakeKommo's shape)."""
+    return fake_talk_payload(base, talk_id, example_talk(talk_id))
 
 
 def pin_to_cpu(cpu: int | None) -> str:

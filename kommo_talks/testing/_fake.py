@@ -260,9 +260,7 @@ class FakeKommo:
 
         Returns the stored payload, which tests may change in place.
         """
-        talk = dict(_EXAMPLE)
-        talk["talk_id"] = talk_id
-        talk["chat_id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"kommo-talk-{talk_id}"))
+        talk = example_talk(talk_id)
         talk.update(fields)
         self.talks[talk_id] = talk
         return talk
@@ -278,18 +276,7 @@ class FakeKommo:
 
     def payload(self, talk_id: int) -> dict[str, Any]:
         """The full JSON payload ``GET /api/v4/talks/{id}`` answers for a talk."""
-        talk = self.talks[talk_id]
-        base = self.url
-        body = dict(talk)
-        body["_links"] = {"self": {"href": f"{base}/api/v4/talks/{talk_id}"}}
-        contacts = [_ref(base, "contacts", talk["contact_id"])]
-        leads, customers = [], []
-        if talk.get("entity_type") == "lead" and talk.get("entity_id") is not None:
-            leads.append(_ref(base, "leads", talk["entity_id"]))
-        elif talk.get("entity_type") == "customer" and talk.get("entity_id") is not None:
-            customers.append(_ref(base, "customers", talk["entity_id"]))
-        body["_embedded"] = {"contacts": contacts, "leads": leads, "customers": customers}
-        return body
+        return talk_payload(self.url, talk_id, self.talks[talk_id])
 
     def deny(self, status: int = 403, *, talk_id: int | None = None) -> None:
         """Answer ``status`` (402 or 403, problem+json) for one talk, or the whole account."""
@@ -598,6 +585,28 @@ class FakeKommo:
         from ._listing import list_talks
 
         return await list_talks(self, request)
+
+
+def example_talk(talk_id: int) -> dict[str, Any]:
+    """The API reference's example talk with ``talk_id`` (no links), as the fake stores it."""
+    talk = dict(_EXAMPLE)
+    talk["talk_id"] = talk_id
+    talk["chat_id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"kommo-talk-{talk_id}"))
+    return talk
+
+
+def talk_payload(base: str, talk_id: int, talk: dict[str, Any]) -> dict[str, Any]:
+    """A stored talk as the API answers it, with ``_links`` and ``_embedded`` on ``base``."""
+    body = dict(talk)
+    body["_links"] = {"self": {"href": f"{base}/api/v4/talks/{talk_id}"}}
+    contacts = [_ref(base, "contacts", talk["contact_id"])]
+    leads, customers = [], []
+    if talk.get("entity_type") == "lead" and talk.get("entity_id") is not None:
+        leads.append(_ref(base, "leads", talk["entity_id"]))
+    elif talk.get("entity_type") == "customer" and talk.get("entity_id") is not None:
+        customers.append(_ref(base, "customers", talk["entity_id"]))
+    body["_embedded"] = {"contacts": contacts, "leads": leads, "customers": customers}
+    return body
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
