@@ -505,6 +505,18 @@ async def scripted_server(answers: list[web.Response]) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+def clocked_client(url: str, fake_clock: FakeClock) -> KommoClient:
+    """A client of ``url`` whose waits run on the fake clock."""
+    return KommoClient(
+        url,
+        LongLivedToken("t"),
+        rate_limit=None,
+        retry=POLICY,
+        sleep=fake_clock.sleep,
+        clock=fake_clock.now,
+    )
+
+
 def in_seconds(seconds: int) -> str:
     return format_datetime(datetime.now(UTC) + timedelta(seconds=seconds), usegmt=True)
 
@@ -516,14 +528,7 @@ async def test_retry_after_http_date_is_slept(fake_clock: FakeClock) -> None:
     ]
     async with (
         scripted_server(answers) as url,
-        KommoClient(
-            url,
-            LongLivedToken("t"),
-            rate_limit=None,
-            retry=POLICY,
-            sleep=fake_clock.sleep,
-            clock=fake_clock.now,
-        ) as client,
+        clocked_client(url, fake_clock) as client,
     ):
         assert await client.close_talk(1, force=True) is None
 
@@ -535,14 +540,7 @@ async def test_retry_after_http_date_beyond_max_delay_raises(fake_clock: FakeClo
     answers = [web.Response(status=429, headers={"Retry-After": in_seconds(120)})]
     async with (
         scripted_server(answers) as url,
-        KommoClient(
-            url,
-            LongLivedToken("t"),
-            rate_limit=None,
-            retry=POLICY,
-            sleep=fake_clock.sleep,
-            clock=fake_clock.now,
-        ) as client,
+        clocked_client(url, fake_clock) as client,
     ):
         with pytest.raises(RateLimitError) as caught:
             await client.close_talk(1, force=True)
@@ -564,14 +562,7 @@ async def test_retry_after_header_wins_over_the_429_body(fake_clock: FakeClock) 
     ]
     async with (
         scripted_server(answers) as url,
-        KommoClient(
-            url,
-            LongLivedToken("t"),
-            rate_limit=None,
-            retry=POLICY,
-            sleep=fake_clock.sleep,
-            clock=fake_clock.now,
-        ) as client,
+        clocked_client(url, fake_clock) as client,
     ):
         assert await client.close_talk(1, force=True) is None
 
@@ -586,14 +577,7 @@ async def test_unreadable_retry_after_falls_back_to_backoff(fake_clock: FakeCloc
     ]
     async with (
         scripted_server(answers) as url,
-        KommoClient(
-            url,
-            LongLivedToken("t"),
-            rate_limit=None,
-            retry=POLICY,
-            sleep=fake_clock.sleep,
-            clock=fake_clock.now,
-        ) as client,
+        clocked_client(url, fake_clock) as client,
     ):
         assert await client.close_talk(1, force=True) is None
 
