@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import platform
 import random
+import sys
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -66,7 +66,8 @@ T = TypeVar("T")
 logger = logging.getLogger("kommo_talks")
 
 USER_AGENT: Final = (
-    f"kommo-talks/{__version__} aiohttp/{aiohttp.__version__} Python/{platform.python_version()}"
+    f"kommo-talks/{__version__} aiohttp/{aiohttp.__version__} "
+    f"Python/{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
 )
 _CLOSE_BODIES: Final = {
     True: orjson.dumps({"force_close": True}),
