@@ -179,10 +179,22 @@ def _fast_refs(value: Any) -> tuple[EntityRef, ...]:
         ref_id = item["id"]
         if type(ref_id) is not int:
             raise _Unusual
-        links = item.get("_links", _MISSING)
-        href = None if links is _MISSING else _structure_self_href(links, None)
-        refs.append(EntityRef(ref_id, href))
+        refs.append(EntityRef(ref_id, _fast_self_href(item)))
     return tuple(refs)
+
+
+def _fast_self_href(data: dict[str, Any]) -> str | None:
+    """``_links.self.href`` of the common shape, else what the converter's hook says."""
+    links = data.get("_links", _MISSING)
+    if links is _MISSING:
+        return None
+    if type(links) is dict:
+        link = links.get("self")
+        if type(link) is dict:
+            href = link.get("href")
+            if type(href) is str:
+                return href
+    return _structure_self_href(links, None)
 
 
 def _fast_talk(data: Any) -> Talk:
@@ -231,7 +243,6 @@ def _fast_talk(data: Any) -> Talk:
         )
     else:
         raise _Unusual
-    links = data.get("_links", _MISSING)
     return Talk(
         talk_id,
         _from_timestamp(created_at, UTC),
@@ -247,7 +258,7 @@ def _fast_talk(data: Any) -> Talk:
         None if missed_at is None else _from_timestamp(missed_at, UTC),
         account_id,
         embedded,
-        None if links is _MISSING else _structure_self_href(links, None),
+        _fast_self_href(data),
     )
 
 
