@@ -23,7 +23,6 @@ Run: ``python benchmarks/bench_ratelimit.py`` (bounded: about 70 s; loopback onl
 from __future__ import annotations
 
 import asyncio
-import bisect
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kommo_talks import CloseStatus, KommoClient, LongLivedToken, RetryPolicy
-from kommo_talks.testing import FakeKommo, Fault
+from kommo_talks.testing import FakeKommo, Fault, busiest_window
 
 EFFICIENCY_CASES = ((7, 70), (50, 500))
 RATE_TARGET = 0.98
@@ -40,14 +39,6 @@ RIDE_THROUGH_CLOSES = 1_000
 RIDE_THROUGH_RATE = 50
 FAULT_RATE = 0.2
 CONCURRENCY = 10
-
-
-def busiest_second(arrivals: list[float]) -> int:
-    """The most arrivals within any rolling one-second window."""
-    arrivals = sorted(arrivals)
-    return max(
-        (bisect.bisect_left(arrivals, t + 1.0) - i for i, t in enumerate(arrivals)), default=0
-    )
 
 
 async def efficiency(rate: int, closes: int) -> dict[str, Any]:
@@ -67,7 +58,7 @@ async def efficiency(rate: int, closes: int) -> dict[str, Any]:
             "wall": wall,
             "ratio": closes / wall / rate,
             "throttled": fake.stats.throttled,
-            "busiest": busiest_second(arrivals),
+            "busiest": busiest_window(arrivals),
             "closed": sum(o.status is CloseStatus.CLOSED for o in outcomes),
             "on_server": len(fake.closed_talks()),
         }

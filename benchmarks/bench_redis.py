@@ -90,20 +90,9 @@ async def worker(job: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- runner
 
 
-def max_in_window(times: list[float], window: float) -> int:
-    """The most of ``times`` inside any half-open window of ``window`` seconds."""
-    times = sorted(times)
-    best, start = 0, 0
-    for end, at in enumerate(times):
-        while times[start] <= at - window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
 async def run(rate: int, redis_url: str, *, warm: bool) -> dict[str, Any]:
     """One run at ``rate``: start the workers together, measure at the server."""
-    from kommo_talks.testing import FakeKommo
+    from kommo_talks.testing import FakeKommo, busiest_window
 
     total = rate * WINDOWS
     ids = list(range(1, total + 1))
@@ -177,7 +166,7 @@ async def run(rate: int, redis_url: str, *, warm: bool) -> dict[str, Any]:
         "achieved": achieved,
         "ratio": achieved / rate,
         "throttled": throttled,
-        "max_in_1s": max_in_window(arrivals, 1.0),
+        "max_in_1s": busiest_window(arrivals, 1.0),
         "statuses": statuses,
         "given_up": given_up,
     }

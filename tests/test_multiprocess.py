@@ -28,7 +28,7 @@ from kommo_talks import FileTokenStore
 from kommo_talks.ratelimit import DEFAULT_MARGIN
 from kommo_talks.redis import RedisTokenStore
 from kommo_talks.stores import TokenStore
-from kommo_talks.testing import FakeKommo
+from kommo_talks.testing import FakeKommo, busiest_window
 from kommo_talks.tokens import TokenSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,17 +98,6 @@ async def workers(jobs: list[dict[str, Any]]) -> AsyncIterator[Workers]:
                 await process.wait()
 
 
-def max_in_window(times: list[float], window: float) -> int:
-    """The most of ``times`` inside any half-open window of ``window`` seconds."""
-    times = sorted(times)
-    best, start = 0, 0
-    for end, at in enumerate(times):
-        while times[start] <= at - window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
 # -- one rate limit for every process ------------------------------------------------
 
 
@@ -141,7 +130,7 @@ async def test_processes_sharing_a_redis_limiter_never_exceed_the_limit(
     # window the fake enforces: a send can reach the server some ms after its turn, which
     # the limiter's 25 ms margin covers on an idle machine, not always on two CI cores
     # running five busy processes.)
-    assert max_in_window(arrivals, 0.95) <= rate
+    assert busiest_window(arrivals, 0.95) <= rate
     # The three processes together are held to one limit: 30 turns, 29 intervals apart.
     assert max(arrivals) - min(arrivals) >= (total - 1) * (1 + DEFAULT_MARGIN) / rate - 0.05
 

@@ -39,7 +39,7 @@ from kommo_talks.redis import (
     TokenConflictError,
 )
 from kommo_talks.stores import TokenStore
-from kommo_talks.testing import FakeKommo
+from kommo_talks.testing import FakeKommo, busiest_window
 from kommo_talks.tokens import TokenSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,17 +256,6 @@ def test_limiter_rejects_bad_arguments(r: redis.asyncio.Redis) -> None:
 # -- the rate limiter: real requests ------------------------------------------------------
 
 
-def max_in_window(times: list[float], window: float) -> int:
-    """The most of ``times`` inside any half-open window of ``window`` seconds."""
-    times = sorted(times)
-    best, start = 0, 0
-    for end, at in enumerate(times):
-        while times[start] <= at - window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
 async def test_many_tasks_of_many_clients_never_exceed_the_limit(
     redis_server: RedisServer,
 ) -> None:
@@ -306,7 +295,7 @@ async def test_many_tasks_of_many_clients_never_exceed_the_limit(
     assert len(arrivals) == rate * clients
     # Measured at the server: no rolling window held more than the limit (0.95 s, the
     # fake's window: 50 ms of slack for scheduling on two shared CI cores).
-    assert max_in_window(arrivals, 0.95) <= rate
+    assert busiest_window(arrivals, 0.95) <= rate
     # ...and the limit is used, not wasted: 21 turns at 7/s, 20 intervals.
     ideal = 20 * (1 + DEFAULT_MARGIN) / 7
     assert ideal - SLACK <= elapsed <= ideal + 0.5

@@ -10,7 +10,7 @@ Import it only in tests and demos (``import kommo_talks`` does not load it)::
             await client.close_talk(1, force=True)
 """
 
-from ._fake import FakeKommo, FakeStats, RecordedRequest, problem_response
+from ._fake import FakeKommo, FakeStats, RecordedRequest, busiest_window, problem_response
 from ._faults import Fault
 from ._oauth import FakeOAuth
 from ._webhooks import WebhookDelivery
@@ -22,5 +22,6 @@ __all__ = [
     "Fault",
     "RecordedRequest",
     "WebhookDelivery",
+    "busiest_window",
     "problem_response",
 ]

@@ -19,7 +19,7 @@ from ._faults import Fault, FaultPlan
 from ._oauth import FakeOAuth
 from ._webhooks import FakeWebhooks, WebhookDelivery, message_add_body, now, talk_event_body
 
-__all__ = ["FakeKommo", "FakeStats", "RecordedRequest"]
+__all__ = ["FakeKommo", "FakeStats", "RecordedRequest", "busiest_window"]
 
 HAL_JSON = "application/hal+json"
 PROBLEM_JSON = "application/problem+json"
@@ -85,6 +85,22 @@ def problem_response(
         content_type=PROBLEM_JSON,
         headers=headers,
     )
+
+
+def busiest_window(times: Iterable[float], window: float = 1.0) -> int:
+    """The most of ``times`` (seconds) inside any rolling window of ``window`` seconds.
+
+    Check a rate limit from the arrival times the fake recorded::
+
+        assert busiest_window(r.at for r in fake.requests) <= 7
+    """
+    ordered = sorted(times)
+    best, start = 0, 0
+    for end, at in enumerate(ordered):
+        while ordered[start] <= at - window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
 
 
 @attrs.define
