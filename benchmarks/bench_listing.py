@@ -26,6 +26,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any
@@ -64,8 +65,19 @@ def _wait_for_stop(conn: Connection) -> None:
 # --------------------------------------------------------------------------- clients
 
 
-async def raw_loop(session: aiohttp.ClientSession, base: str, token: str) -> int:
-    """The baseline: follow ``_links.next.href`` by hand, ``json.loads`` each page."""
+async def raw_loop(
+    session: aiohttp.ClientSession,
+    base: str,
+    token: str,
+    *,
+    loads: Callable[[bytes], Any] = json.loads,
+    decode: Callable[[list[Any]], object] | None = None,
+) -> int:
+    """The baseline: follow ``_links.next.href`` by hand, ``json.loads`` each page.
+
+    With ``decode`` (the control), each page's talks are also decoded into
+    ``Talk`` objects as the SDK does.
+    """
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
     url: str | None = f"{base}/api/v4/talks?page=1&limit={PAGE_SIZE}"
     count = 0
@@ -74,8 +86,10 @@ async def raw_loop(session: aiohttp.ClientSession, base: str, token: str) -> int
             if response.status == 204:
                 break
             response.raise_for_status()
-            data = json.loads(await response.read())
+            data = loads(await response.read())
         talks = data["_embedded"]["talks"]
+        if decode is not None:
+            decode(talks)
         for _talk in talks:
             count += 1
         if not talks:
@@ -86,29 +100,10 @@ async def raw_loop(session: aiohttp.ClientSession, base: str, token: str) -> int
 
 
 async def raw_models_loop(session: aiohttp.ClientSession, base: str, token: str) -> int:
-    """A control: the raw loop, but decoding each talk into a ``Talk`` as the SDK does."""
-    from kommo_talks.converter import converter
-    from kommo_talks.models import Talk
+    """A control: the raw loop with orjson, decoding each page's talks as the SDK does."""
+    from kommo_talks.converter import structure_talks
 
-    structure = converter.get_structure_hook(Talk)
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    url: str | None = f"{base}/api/v4/talks?page=1&limit={PAGE_SIZE}"
-    count = 0
-    while url is not None:
-        async with session.get(url, headers=headers) as response:
-            if response.status == 204:
-                break
-            response.raise_for_status()
-            data = orjson.loads(await response.read())
-        talks = data["_embedded"]["talks"]
-        for payload in talks:
-            structure(payload, Talk)
-            count += 1
-        if not talks:
-            break
-        link = data.get("_links", {}).get("next")
-        url = link["href"] if link else None
-    return count
+    return await raw_loop(session, base, token, loads=orjson.loads, decode=structure_talks)
 
 
 async def sdk_loop(client: Any) -> int:
@@ -206,17 +201,17 @@ def decode_cost(base: str) -> float:
     """Seconds to decode one full page of 250 talks into ``Talk`` (in-process, no I/O)."""
     from kommo_talks import KommoClient, LongLivedToken
     from kommo_talks.listing import _decode_page
-    from kommo_talks.testing import FakeKommo
+    from kommo_talks.testing._fake import example_talk, talk_payload
 
-    fake = FakeKommo(talks=range(1, PAGE_SIZE + 1), record=False)
-    fake._url = base  # payload() only needs the base URL for its links
-    body = json.dumps({"_embedded": {"talks": [fake.payload(i) for i in fake.talks]}}).encode()
+    talks = [talk_payload(base, i, example_talk(i)) for i in range(1, PAGE_SIZE + 1)]
+    body = json.dumps({"_embedded": {"talks": talks}}).encode()
 
     response = SimpleNamespace(
         status=200, method="GET", url=base, body=body, content_type="application/hal+json"
     )
     client = KommoClient(base, auth=LongLivedToken("unused"))
     rounds = 20
+    _decode_page(client, response)  # type: ignore[arg-type]  # hooks are generated on first use
     started = time.perf_counter()
     for _ in range(rounds):
         _decode_page(client, response)  # type: ignore[arg-type]
