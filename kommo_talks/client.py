@@ -452,13 +452,9 @@ class KommoClient:
                 raise self._error(response, closing=closing)
 
             problem, _ = parse_problem(response.content_type, response.body)
-            wait = server_wait(status, response.headers.get("Retry-After"), problem)
-            error = self._error(response, retry_after=wait)
-            if wait is not None:
-                assert isinstance(error, RateLimitError | ServerError)
-                self._pause.extend(wait, error)
-                if wait > policy.max_delay:
-                    raise error
+            wait, error = self._honour_server_wait(response, problem)
+            if wait is not None and wait > policy.max_delay:
+                raise error
             if status != 429:
                 ambiguous = True
             if attempt >= policy.max_attempts:
@@ -488,6 +484,17 @@ class KommoClient:
             await limiter.acquire()
             if pause.remaining() <= 0:
                 return
+
+    def _honour_server_wait(
+        self, response: Response, problem: dict[str, Any]
+    ) -> tuple[float | None, RateLimitError | ServerError]:
+        """The wait a 429/5xx asked for (or None), and its error; a wait pauses the client."""
+        wait = server_wait(response.status, response.headers.get("Retry-After"), problem)
+        error = self._error(response, retry_after=wait)
+        assert isinstance(error, RateLimitError | ServerError)
+        if wait is not None:
+            self._pause.extend(wait, error)
+        return wait, error
 
     def _headers_for(self, token: str, *, post: bool) -> dict[str, str]:
         # Built once per token, not per request: the hot path reuses the dicts.
@@ -592,13 +599,9 @@ class KommoClient:
             if is_retryable_status(status):
                 # The server-given wait pauses the whole client even when this
                 # was the last attempt: the other calls must not send through it.
-                wait = server_wait(status, response.headers.get("Retry-After"), problem)
-                if wait is not None:
-                    error = self._error(response, retry_after=wait)
-                    assert isinstance(error, RateLimitError | ServerError)
-                    self._pause.extend(wait, error)
-                    if wait > policy.max_delay:
-                        raise _token_error(status, problem, text, attempt) from error
+                wait, error = self._honour_server_wait(response, problem)
+                if wait is not None and wait > policy.max_delay:
+                    raise _token_error(status, problem, text, attempt) from error
                 if attempt < policy.max_attempts:
                     if wait is None:
                         await self._sleep(backoff_delay(policy, attempt, self._rng))
