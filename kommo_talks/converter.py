@@ -13,6 +13,7 @@ All hooks are generated once, at import time, and reused on every call.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -136,11 +137,19 @@ converter.register_unstructure_hook_factory(
 
 
 # Attribute names that differ from the API's field names, for error paths.
-_WIRE_NAMES = {"embedded": "_embedded", "self_url": "_links", "href": "_links"}
+_WIRE_NAMES = {"embedded": "_embedded", "self_url": "_links"}
+# EntityRef.href is `_links` only inside an embedded reference (`contacts[0].href`).
+_REF_LIST = re.compile(r"(contacts|leads|customers)\[\d+\]")
 
 
 def _wire_path(path: str) -> str:
-    return ".".join(_WIRE_NAMES.get(part, part) for part in path.split("."))
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part in _WIRE_NAMES:
+            parts[i] = _WIRE_NAMES[part]
+        elif part == "href" and i and _REF_LIST.fullmatch(parts[i - 1]):
+            parts[i] = "_links"
+    return ".".join(parts)
 
 
 def describe_validation_error(exc: BaseException) -> tuple[str, str | None]:
