@@ -95,7 +95,7 @@ def check_talk_id(talk_id: object) -> int:
 class Response:
     """One HTTP answer, read whole (internal)."""
 
-    __slots__ = ("after_ambiguous", "body", "headers", "method", "status", "url")
+    __slots__ = ("body", "headers", "method", "status", "url")
 
     def __init__(
         self,
@@ -104,15 +104,12 @@ class Response:
         body: bytes,
         method: str,
         url: str,
-        after_ambiguous: bool = False,
     ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
         self.method = method
         self.url = url
-        #: an earlier attempt of the same call ended ambiguously (timeout, drop, 5xx)
-        self.after_ambiguous = after_ambiguous
 
     @property
     def content_type(self) -> str | None:
@@ -417,9 +414,7 @@ class KommoClient:
                     raise_for_status=False,
                     timeout=self._timeout,
                 ) as raw:
-                    response = Response(
-                        raw.status, raw.headers, await raw.read(), method, url, ambiguous
-                    )
+                    response = Response(raw.status, raw.headers, await raw.read(), method, url)
             except Exception as exc:
                 # A connection failure that retrying cannot heal (TLS verification)
                 # still ends as a TransportError, at once; anything else is a bug.
