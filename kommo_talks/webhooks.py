@@ -16,7 +16,6 @@ Closing a talk shows up as a ``talk[update]`` whose ``is_in_work`` is ``"0"``:
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import hmac
 import logging
@@ -139,13 +138,14 @@ _converter = cattrs.Converter(detailed_validation=True)
 
 
 def _structure_int(value: Any, _: Any = None) -> int:
+    # int() alone would also take " 7", "+7", "1_000" and non-ASCII digits.
+    if type(value) is str and value.isdigit() and value.isascii():
+        return int(value)
     if type(value) is not str:
         raise TypeError(f"expected a string, got {type(value).__name__}")
-    digits = value[1:] if value[:1] == "-" else value
-    # int() alone would also take " 7", "+7", "1_000" and non-ASCII digits.
-    if not (digits.isascii() and digits.isdigit()):
-        raise ValueError(f"expected an integer, got {_show(value)}")
-    return int(value)
+    if value[:1] == "-" and value[1:].isdigit() and value[1:].isascii():
+        return int(value)
+    raise ValueError(f"expected an integer, got {_show(value)}")
 
 
 def _structure_flag(value: Any, _: Any) -> bool:
@@ -313,22 +313,24 @@ def _too_many(max_fields: int) -> DecodeError:
 
 # index -> {attribute name: value}; values are str until _build adds the account.
 _Section = dict[str, dict[str, Any]]
-# The three event sections in order, then the account's {form key: value}.
-_Groups = tuple[_Section, _Section, _Section, dict[str, Any]]
+# The three event sections in order, then the account's {form key: value} at index "".
+_Groups = tuple[_Section, _Section, _Section, _Section]
+# What a form key holds: (section number, event index, attribute, the decoded
+# key, for error messages); the empty tuple for a key to ignore.
+_Spec = tuple[int, str, str, str] | tuple[()]
 
 
-def _classify(key: str) -> tuple[int, str, str] | None:
-    """What a form key holds: ``(section, index, attribute)``, or ``None`` to ignore it.
+def _classify(key: str) -> _Spec:
+    """What a decoded form key holds (see ``_Spec``); parsers look it up in a ``_KeyTable``.
 
-    The account's keys give ``(_ACCOUNT, "", key)``. Parsers call it through
-    :func:`_classify_cached` for short keys (see there).
+    The account's keys give ``(_ACCOUNT, "", key, key)``.
 
     Raises:
         DecodeError: a key of a modelled section whose index is not a number,
             or that does not end in ``[field]``.
     """
     if key in _ACCOUNT_KEYS:
-        return _ACCOUNT, "", key
+        return _ACCOUNT, "", key, key
     for number, (prefix, fields) in enumerate(_SECTIONS):
         if key.startswith(prefix):
             index, _, wire = key[len(prefix) :].partition("][")
@@ -338,71 +340,80 @@ def _classify(key: str) -> tuple[int, str, str] | None:
                 )
             name = fields.get(wire)
             if name is None:
-                return None
+                return ()
             # At most 9 digits: sorting by int() stays cheap and can never fail.
             if not (index.isascii() and index.isdigit() and len(index) <= 9):
                 raise DecodeError(f"{key}: event index is not a number below 10**9", path=key)
-            return number, index, name
-    return None
+            return number, index, name, key
+    return ()
 
 
-_classify_cached = functools.lru_cache(maxsize=4096)(_classify)
-"""``_classify`` for keys of at most ``_CACHED_KEY_LENGTH`` characters.
+class _KeyTable(dict[str, _Spec]):
+    """Form key -> :func:`_classify`'s answer, learnt on first sight.
 
-Kommo sends the same few dozen keys in every delivery. Count and length
-bound the cache's memory (under 1 MB) whatever keys a sender makes up;
-longer keys (none of Kommo's) are classified afresh each time.
-"""
-_CACHED_KEY_LENGTH = 64
+    Kommo sends the same few dozen keys in every delivery, so that parsing a
+    body costs one dict look-up per field. With ``encoded`` the keys are as
+    they come on the wire (``talk%5Bupdate%5D...`` or ``talk[update]...``)
+    and are percent-decoded before they are classified. Only keys of at most
+    64 characters are kept, and the table is emptied when it holds 4096: a
+    sender that makes keys up costs time, not memory.
+    """
+
+    def __init__(self, *, encoded: bool) -> None:
+        super().__init__()
+        self._encoded = encoded
+
+    def __missing__(self, key: str) -> _Spec:
+        decoded = key
+        if self._encoded and ("%" in key or "+" in key):
+            decoded = _unquote(key, key)
+        spec = _classify(decoded)
+        if len(key) <= 64:
+            if len(self) >= 4096:
+                self.clear()
+            self[key] = spec
+        return spec
+
+
+_WIRE_KEYS = _KeyTable(encoded=True)
+_DECODED_KEYS = _KeyTable(encoded=False)
 
 
 def _group_text(text: str) -> _Groups:
     """Split a form body into the sections we model, keeping only known fields.
 
-    This is the hot path: one ``split``, one cached look-up per key,
-    ``unquote_plus`` only where ``%`` or ``+`` occurs, and values of ignored
-    fields are never decoded.
+    This is the hot path: one ``split``, one look-up per key in a table of
+    keys as they come on the wire, ``unquote_plus`` only for values holding
+    ``%`` or ``+``, and values of ignored fields are never decoded.
     """
-    sections: tuple[_Section, _Section, _Section] = ({}, {}, {})
-    account: dict[str, Any] = {}
-    if "%5" in text:
-        # Form encoders (PHP's http_build_query) send brackets as %5B/%5D.
-        # Decoding those escapes up front is exactly what unquote would do to
-        # them anywhere in the body, and lets the keys skip unquote_plus.
-        text = text.replace("%5B", "[").replace("%5D", "]")
-        if "%5" in text:
-            text = text.replace("%5b", "[").replace("%5d", "]")
+    groups: _Groups = ({}, {}, {}, {})
+    specs = _WIRE_KEYS
     for pair in text.split("&"):
         key, _, value = pair.partition("=")
-        if "%" in key or "+" in key:
-            key = _unquote(key, key)
-        spec = _classify_cached(key) if len(key) <= _CACHED_KEY_LENGTH else _classify(key)
-        if spec is None or not value:
+        spec = specs[key]
+        if not spec or not value:
             continue
+        number, index, name, decoded_key = spec
         if "%" in value or "+" in value:
-            value = _unquote(value, key)
-        number, index, name = spec
-        if number == _ACCOUNT:
-            account[name] = value
-            continue
-        section = sections[number]
+            value = _unquote(value, decoded_key)
+        section = groups[number]
         event = section.get(index)
         if event is None:
             section[index] = {name: value}
         else:
             event[name] = value
-    return (*sections, account)
+    return groups
 
 
 def _group_items(items: Iterable[tuple[Any, Any]]) -> _Groups:
     """:func:`_group_text` for keys and values that are already decoded."""
-    sections: tuple[_Section, _Section, _Section] = ({}, {}, {})
-    account: dict[str, Any] = {}
+    groups: _Groups = ({}, {}, {}, {})
+    specs = _DECODED_KEYS
     for key, value in items:
         if type(key) is not str:
             raise DecodeError(f"webhook form key is not a string: {_show(key)}")
-        spec = _classify_cached(key) if len(key) <= _CACHED_KEY_LENGTH else _classify(key)
-        if spec is None:
+        spec = specs[key]
+        if not spec:
             continue
         if not isinstance(value, str):
             raise DecodeError(
@@ -410,12 +421,9 @@ def _group_items(items: Iterable[tuple[Any, Any]]) -> _Groups:
             )
         if not value:
             continue
-        number, index, name = spec
-        if number == _ACCOUNT:
-            account[name] = value
-            continue
-        sections[number].setdefault(index, {})[name] = value
-    return (*sections, account)
+        number, index, name, _ = spec
+        groups[number].setdefault(index, {})[name] = value
+    return groups
 
 
 def _unquote(text: str, key: str) -> str:
@@ -426,8 +434,9 @@ def _unquote(text: str, key: str) -> str:
 
 
 def _build(
-    talk_add: _Section, talk_update: _Section, messages: _Section, account: dict[str, Any]
+    talk_add: _Section, talk_update: _Section, messages: _Section, accounts: _Section
 ) -> Webhook:
+    account = accounts.get("", {})
     account_id = None
     subdomain = account.get("account[subdomain]")
     raw_id = account.get("account[id]")
@@ -504,7 +513,9 @@ class WebhookReceiver:
     delivery answered ``503``, and none of its events was queued.
 
     The events of one delivery are handed to ``callback`` one after another,
-    in the delivery's order; different deliveries run concurrently. Kommo
+    in the delivery's order; different deliveries run concurrently, each in
+    a worker task of the receiver's (idle workers are reused, which costs
+    less than a new task per delivery). Kommo
     puts related events in one delivery in a meaningful order (a talk added,
     then updated; a message, then the talk closed), and a bot that reacts to
     them concurrently could act on them out of order. A callback that needs
@@ -533,7 +544,9 @@ class WebhookReceiver:
         self._max_pending = max_pending
         self._secret = None if secret is None else secret.encode("utf-8", "surrogatepass")
         self._pending = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._workers: set[asyncio.Task[None]] = set()
+        # Futures of idle workers, each waiting to be handed a delivery (None: exit).
+        self._idle: list[asyncio.Future[tuple[WebhookEvent, ...] | None]] = []
         self._draining = False
 
     @property
@@ -560,7 +573,7 @@ class WebhookReceiver:
                 return web.Response(status=403, text="forbidden")
         if self._draining:
             return _shutting_down()
-        body = await request.read()
+        body = await _read_body(request)
         try:
             events = parse_webhook(body).events
         except DecodeError as exc:
@@ -571,13 +584,27 @@ class WebhookReceiver:
             if self._pending and self._pending + len(events) > self._max_pending:
                 return web.Response(status=503, text="too many pending events")
             self._pending += len(events)
-            # The loop first runs this task once the request's task yields:
-            # after aiohttp has written this answer (unless the socket's
-            # buffer is full, when the two interleave).
-            task = asyncio.create_task(self._run(events))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # The worker first runs once the request's task yields: after
+            # aiohttp has written this answer (unless the socket's buffer is
+            # full, when the two interleave).
+            if self._idle:
+                self._idle.pop().set_result(events)
+            else:
+                worker = asyncio.create_task(self._work(events))
+                self._workers.add(worker)
+                worker.add_done_callback(self._workers.discard)
         return web.Response(status=200)
+
+    async def _work(self, events: tuple[WebhookEvent, ...] | None) -> None:
+        """Run the delivery given, then wait idle for the next one (or exit)."""
+        loop = asyncio.get_running_loop()
+        while events is not None:
+            await self._run(events)
+            if self._draining or len(self._idle) >= _MAX_IDLE_WORKERS:
+                return
+            waiter: asyncio.Future[tuple[WebhookEvent, ...] | None] = loop.create_future()
+            self._idle.append(waiter)
+            events = await waiter
 
     async def _run(self, events: tuple[WebhookEvent, ...]) -> None:
         left = len(events)
@@ -601,8 +628,30 @@ class WebhookReceiver:
         Idempotent; the receiver cannot be reopened.
         """
         self._draining = True
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        while self._idle:
+            self._idle.pop().set_result(None)
+        while self._workers:
+            await asyncio.wait(list(self._workers))
+
+
+_MAX_IDLE_WORKERS = 32
+"""Idle workers kept for later deliveries; more than that end when idle."""
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """``await request.read()``, taken at once when the whole body has arrived.
+
+    A webhook's body nearly always comes in the same packet as its headers;
+    reading it without a coroutine saves a noticeable part of a delivery's
+    cost. The size limit is ``request.read()``'s.
+    """
+    content = request.content
+    if not content.is_eof():
+        return await request.read()
+    body = content.read_nowait()
+    if len(body) > request.client_max_size:
+        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=len(body))
+    return body
 
 
 def _shutting_down() -> web.Response:

@@ -463,3 +463,17 @@ def test_default_limit_admits_a_large_legitimate_delivery() -> None:
     events = parse_webhook(body).events
 
     assert [e.talk_id for e in events] == list(range(1, 3001))
+
+
+def test_made_up_keys_cannot_grow_the_key_table_without_bound() -> None:
+    from kommo_talks import webhooks  # the table of keys seen is private; its size is not
+
+    for body_number in range(25):
+        made_up = "&".join(f"leads[status][{body_number * 500 + n}][id]=1" for n in range(500))
+        assert parse_webhook(made_up).events == ()
+        assert len(webhooks._WIRE_KEYS) <= 4096
+    long_key = "leads[" + "x" * 100 + "]"
+    parse_webhook(f"{long_key}=1")
+
+    assert long_key not in webhooks._WIRE_KEYS
+    assert parse_webhook(CLOSE_BODY).events == (EXPECTED_CLOSE,)  # still right afterwards

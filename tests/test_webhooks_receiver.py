@@ -249,6 +249,86 @@ async def test_form_posted_by_a_client_as_a_dict_is_accepted(
     assert talk_ids(recorder.finished) == [5]
 
 
+async def test_deliveries_still_run_concurrently_once_workers_are_reused(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    async with serve_receiver(receiver) as url:
+        for talk_id in (1, 2, 3):  # finished one by one: their workers wait idle
+            assert await post(http, url, delivery(talk_id)) == 200
+            await recorder.wait_finished(talk_id)
+        recorder.release.clear()
+        for talk_id in (4, 5, 6, 7):
+            assert await post(http, url, delivery(talk_id)) == 200
+        await recorder.wait_started(7)  # all four running while none may finish
+        recorder.release.set()
+        await recorder.wait_finished(7)
+
+    assert sorted(talk_ids(recorder.finished)) == [1, 2, 3, 4, 5, 6, 7]
+    assert recorder.most_running == 4
+
+
+async def test_close_leaves_no_task_behind(http: aiohttp.ClientSession) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    before = asyncio.all_tasks()
+    async with asyncio.timeout(HANG), serve_receiver(receiver) as url:
+        await asyncio.gather(*(post(http, url, delivery(i)) for i in range(1, 41)))
+        await recorder.wait_finished(40)
+        # (the app's shutdown hook closes the receiver)
+
+    assert asyncio.all_tasks() <= before
+    assert receiver.pending == 0
+
+
+async def test_body_arriving_in_pieces_is_read_whole(http: aiohttp.ClientSession) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    body = delivery(11, 12)
+    sent_first = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def in_two_pieces() -> AsyncIterator[bytes]:
+        yield body[:40]
+        sent_first.set()
+        await go_on.wait()  # the handler starts before the rest has arrived
+        yield body[40:]
+
+    async with serve_receiver(receiver) as url:
+        posting = asyncio.create_task(post(http, url, in_two_pieces()))  # type: ignore[arg-type]
+        async with asyncio.timeout(HANG):
+            await sent_first.wait()
+        go_on.set()
+        assert await posting == 200
+        await recorder.wait_finished(2)
+
+    assert talk_ids(recorder.finished) == [11, 12]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+async def test_body_over_the_apps_size_limit_is_413_and_nothing_is_called(
+    http: aiohttp.ClientSession, chunked: bool
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    body = delivery(*range(1, 30))
+    assert len(body) > 1000
+
+    async def streamed() -> AsyncIterator[bytes]:
+        yield body
+
+    app = web.Application(client_max_size=1000)
+    receiver.setup(app, PATH)
+    async with serve(app) as url:
+        status = await post(http, url, streamed() if chunked else body)  # type: ignore[arg-type]
+        assert await post(http, url, delivery(7)) == 200
+        await recorder.wait_finished(1)
+
+    assert status == 413
+    assert talk_ids(recorder.finished) == [7]
+
+
 # -------------------------------------------------------------- bad bodies
 
 
