@@ -32,13 +32,15 @@ import timeit
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from urllib.parse import parse_qsl, quote_plus, urlencode
+from urllib.parse import parse_qsl, quote_plus
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiohttp import web
 
+from kommo_talks.testing._fake import example_talk
+from kommo_talks.testing._webhooks import talk_event_body
 from kommo_talks.webhooks import WebhookEvent, WebhookReceiver, parse_webhook
 
 PATH = "/hook"
@@ -48,26 +50,15 @@ WARMUP = 500
 CONNECTIONS = 16
 ROUNDS = 3
 
-PAIRS = [
-    ("talk[update][0][talk_id]", "117"),
-    ("talk[update][0][created_at]", "1700000000"),
-    ("talk[update][0][updated_at]", "1700000123"),
-    ("talk[update][0][rate]", "0"),
-    ("talk[update][0][contact_id]", "3362157"),
-    ("talk[update][0][chat_id]", "33b41601-48c4-4cd4-9b95-4b6e0ac7c5bc"),
-    ("talk[update][0][entity_id]", "12345"),
-    ("talk[update][0][entity_type]", "lead"),
-    ("talk[update][0][is_in_work]", "0"),
-    ("talk[update][0][is_read]", "1"),
-    ("talk[update][0][origin]", "telegram"),
-    ("account[id]", "29785537"),
-    ("account[subdomain]", "example"),
-    ("account[_links][self]", "https://example.kommo.com"),
-]
-# Brackets as written in Kommo's documentation, and percent-encoded as a form
-# encoder (PHP's http_build_query) sends them.
-RAW_BODY_BYTES = "&".join(f"{key}={quote_plus(value)}" for key, value in PAIRS).encode()
-ENCODED_BODY_BYTES = urlencode(PAIRS).encode()
+# What FakeKommo posts when it closes a talk: brackets percent-encoded, as a
+# form encoder (PHP's http_build_query) sends them; and the same pairs with
+# brackets as written in Kommo's documentation.
+ENCODED_BODY_BYTES = talk_event_body(
+    "update", [{**example_talk(117), "is_in_work": False}], base_url="https://example.kommo.com"
+)
+RAW_BODY_BYTES = "&".join(
+    f"{key}={quote_plus(value)}" for key, value in parse_qsl(ENCODED_BODY_BYTES.decode())
+).encode()
 
 
 # ------------------------------------------------------------------- parsing
