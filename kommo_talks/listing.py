@@ -157,9 +157,10 @@ def iter_talks(
     Raises:
         ValueError: a bad ``filter`` or ``page_size``.
         DecodeError: (while iterating) a page that does not fit, naming the
-            field path (e.g. ``_embedded.talks[3].talk_id``); a next link to
-            another scheme, host or port than ``base_url``, which is not
-            requested; a next link that repeats a page already fetched.
+            field path (e.g. ``_embedded.talks[3].talk_id``); after a page's
+            talks, a next link to another scheme, host or port than
+            ``base_url``, which is not requested, or one that repeats a page
+            already fetched.
         APIError, TransportError: (while iterating) as for any request.
     """
     limit = check_page_size(page_size)
@@ -176,22 +177,23 @@ async def _pages(client: KommoClient, url: URL) -> AsyncGenerator[Talk, None]:
         if response.status == 204:
             return
         talks, next_href = _decode_page(client, response)
+        status = response.status
         del response  # hold one page's talks while the caller works, not its body
-        if next_href is None:
-            next_url = None
-        else:
-            next_url = _check_next(base, url, next_href)
-            if next_url in fetched:
-                raise DecodeError(
-                    f"GET {url} returned a next link to a page already fetched ({next_url}); "
-                    "stopped instead of looping",
-                    path="_links.next.href",
-                )
-            fetched.add(next_url)
         for talk in talks:
             yield talk
-        if next_url is None or not talks:
+        if next_href is None or not talks:
             return
+        # Checked when it is to be followed, so that a caller who stops within
+        # the page never meets it.
+        next_url = _check_next(base, url, next_href, status)
+        if next_url in fetched:
+            raise DecodeError(
+                f"GET {url} returned a next link to a page already fetched ({next_url}); "
+                "stopped instead of looping",
+                status=status,
+                path="_links.next.href",
+            )
+        fetched.add(next_url)
         url = next_url
 
 
@@ -229,18 +231,20 @@ def _next_href(response: Response, links: Any) -> str | None:
     return href
 
 
-def _check_next(base: URL, current: URL, href: str) -> URL:
+def _check_next(base: URL, current: URL, href: str, status: int) -> URL:
     """The absolute next URL, if it stays on the account's scheme, host and port."""
     try:
         url = current.join(URL(href))
     except (ValueError, TypeError):
         raise DecodeError(
             f"GET {current} returned a next link that is not a URL: {href[:200]!r}",
+            status=status,
             path="_links.next.href",
         ) from None
     if url.user is not None or url.password is not None:
         raise DecodeError(
             f"GET {current} returned a next link with credentials in it; refused",
+            status=status,
             path="_links.next.href",
         )
     if not same_origin(url, base):
@@ -248,6 +252,7 @@ def _check_next(base: URL, current: URL, href: str) -> URL:
             f"GET {current} returned a next link to another origin "
             f"({url.scheme}://{url.host}:{url.port}, not {base}); refused, so that the "
             "token never leaves the account's host",
+            status=status,
             path="_links.next.href",
         )
     return url.with_fragment(None)

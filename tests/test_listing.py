@@ -373,10 +373,23 @@ async def test_a_next_link_off_the_account_is_refused_and_not_requested(foreign:
             with pytest.raises(DecodeError) as caught:
                 await collect(seen, client.iter_talks())
     assert caught.value.path == "_links.next.href"
+    assert caught.value.status == 200
     assert "refused" in str(caught.value)
-    assert seen == []  # the page is decoded, links included, before any talk is yielded
+    assert [t.talk_id for t in seen] == [1]  # the page's talks come first
     assert len(requests) == 1
     assert other_requests == []
+
+
+async def test_a_caller_who_stops_within_the_page_never_meets_a_bad_next_link() -> None:
+    pages: list[Any] = []
+    async with custom_server(pages) as (url, requests), new_client(url) as client:
+        foreign = "https://evil.example/api/v4/talks?page=2"
+        pages.append({"_links": {"next": {"href": foreign}}, "_embedded": {"talks": [talk(1)]}})
+        async with contextlib.aclosing(client.iter_talks()) as talks:
+            first = await anext(talks)  # and stop there
+
+    assert first.talk_id == 1
+    assert len(requests) == 1
 
 
 async def test_a_relative_next_link_is_followed_on_the_account() -> None:
