@@ -11,6 +11,7 @@ from .client import KommoClient
 from .converter import converter
 from .errors import (
     APIError,
+    ClientClosedError,
     CoordinationError,
     DecodeError,
     ForbiddenError,
@@ -34,6 +35,7 @@ from .tokens import TokenSet
 
 __all__ = [
     "APIError",
+    "ClientClosedError",
     "CloseOutcome",
     "CloseStatus",
     "CoordinationError",

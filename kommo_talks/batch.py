@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, cast
 
 from .client import check_talk_id, send_gate
 from .errors import (
+    ClientClosedError,
     CoordinationError,
     ForbiddenError,
     KommoError,
@@ -73,10 +74,11 @@ def is_stop_error(error: KommoError, max_delay: float) -> bool:
     That is an IP/account block (:attr:`ForbiddenError.is_block`), a
     :class:`RateLimitError` / :class:`ServerError` whose ``retry_after`` is
     longer than ``max_delay`` (sending on through either is how accounts get
-    blocked, or stay blocked), or a :class:`CoordinationError` (the shared
-    limiter or token store is down: every other talk would fail alike).
+    blocked, or stay blocked), a :class:`CoordinationError` (the shared
+    limiter or token store is down: every other talk would fail alike), or a
+    :class:`ClientClosedError` (the client was closed during the batch).
     """
-    if isinstance(error, CoordinationError):
+    if isinstance(error, CoordinationError | ClientClosedError):
         return True
     if isinstance(error, ForbiddenError):
         return error.is_block
@@ -196,6 +198,8 @@ class BatchRun(Generic[R]):
         concurrency: int,
     ) -> None:
         check_concurrency(concurrency)
+        if client.closed:
+            raise ClientClosedError("this KommoClient is closed")
         self._sync_ids: Iterator[object] | None = None
         self._async_ids: AsyncIterator[object] | None = None
         if isinstance(ids, AsyncIterable):

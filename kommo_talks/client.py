@@ -36,6 +36,7 @@ from .auth import Auth, LongLivedToken
 from .converter import converter, describe_validation_error, structure_talk
 from .errors import (
     APIError,
+    ClientClosedError,
     DecodeError,
     KommoError,
     RateLimitError,
@@ -232,14 +233,26 @@ class KommoClient:
     def _session_or_raise(self) -> aiohttp.ClientSession:
         session = self._session
         if self._closed:
-            raise KommoError("this KommoClient is closed")
+            raise ClientClosedError("this KommoClient is closed")
         if session is None:
             session = self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
                 timeout=self._timeout,
                 auto_decompress=True,
             )
+        elif session.closed:
+            raise ClientClosedError("the aiohttp session lent to this KommoClient is closed")
         return session
+
+    def _refuse_during_long_pause(self, method: str, url: str) -> None:
+        """Raise if a server-given pause lasts longer than ``max_delay``: send nothing.
+
+        Checked before a token is fetched, so that not even a token refresh
+        is sent during such a pause, and the error names this call's request.
+        """
+        remaining = self._pause.remaining()
+        if remaining > self.retry.max_delay:
+            raise self._pause.error_for(method, url, remaining)
 
     # -- operations --------------------------------------------------------
 
@@ -383,7 +396,7 @@ class KommoClient:
         success (the earlier attempt closed the talk), and a first-attempt
         422 raises :class:`TalkAlreadyClosedError`.
         """
-        session = self._session_or_raise()
+        self._session_or_raise()
         policy = self.retry
         auth = self._auth
         static_token = self._static_token
@@ -395,6 +408,7 @@ class KommoClient:
             attempt += 1
             if gate is not None:
                 gate(False)
+            self._refuse_during_long_pause(method, url)
             # A long-lived token needs no await, and with no limiter and no pause
             # there is nothing to wait for: the common path skips two coroutines.
             token = static_token or await auth.access_token(self)
@@ -402,6 +416,8 @@ class KommoClient:
                 await self._pass_gates(method, url)
             if gate is not None:
                 gate(True)
+            # Taken after every wait: a client closed meanwhile sends nothing.
+            session = self._session_or_raise()
             started = self._clock()
             try:
                 async with session.request(
@@ -416,6 +432,10 @@ class KommoClient:
                 ) as raw:
                     response = Response(raw.status, raw.headers, await raw.read(), method, url)
             except Exception as exc:
+                if self._closed:  # closed while this request was in flight
+                    raise ClientClosedError(
+                        f"{method} {url}: the KommoClient was closed during the request"
+                    ) from exc
                 # A connection failure that retrying cannot heal (TLS verification)
                 # still ends as a TransportError, at once; anything else is a bug.
                 retryable = is_retryable_exception(exc)
@@ -441,6 +461,7 @@ class KommoClient:
                 return response
             if status == 401 and not refreshed:
                 refreshed = True
+                self._refuse_during_long_pause(method, url)
                 if await auth.handle_unauthorized(self, token) and attempt < policy.max_attempts:
                     continue
             if not is_retryable_status(status):
@@ -543,7 +564,7 @@ class KommoClient:
             TokenRefreshError: the endpoint refused (400/401, carrying the
                 problem's ``hint``), answered otherwise, or kept failing.
         """
-        session = self._session_or_raise()
+        self._session_or_raise()
         policy = self.retry
         method, url = "POST", self._token_url
         data = orjson.dumps(dict(payload))
@@ -556,6 +577,7 @@ class KommoClient:
         while True:
             attempt += 1
             await self._pass_gates(method, url)
+            session = self._session_or_raise()
             started = self._clock()
             try:
                 async with session.post(
@@ -568,6 +590,10 @@ class KommoClient:
                 ) as raw:
                     response = Response(raw.status, raw.headers, await raw.read(), method, url)
             except Exception as exc:
+                if self._closed:
+                    raise ClientClosedError(
+                        "the KommoClient was closed during a token request"
+                    ) from exc
                 retryable = is_retryable_exception(exc)
                 if not retryable and not isinstance(exc, aiohttp.ClientError):
                     raise

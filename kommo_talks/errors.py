@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "APIError",
+    "ClientClosedError",
     "CoordinationError",
     "DecodeError",
     "ForbiddenError",
@@ -197,6 +198,15 @@ class TokenStoreError(TokenRefreshError):
 
     The store is left as it was: a corrupt file is never overwritten by the
     SDK, except by :meth:`OAuth2.exchange_code`, which is how a user recovers.
+    """
+
+
+class ClientClosedError(KommoError):
+    """The :class:`KommoClient` is closed (or the session lent to it is): nothing is sent.
+
+    Raised by every call on a closed client, and by a call that was waiting
+    (for a rate-limit slot, a backoff, a server-given pause) when the client
+    was closed. A batch stops at the first one.
     """
 
 

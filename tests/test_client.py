@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +15,8 @@ from aiohttp import web
 
 from kommo_talks import (
     APIError,
+    ClientClosedError,
+    CloseStatus,
     DecodeError,
     ForbiddenError,
     KommoClient,
@@ -365,6 +368,91 @@ async def test_closed_client_raises_and_close_is_idempotent(fake: FakeKommo) -> 
     assert client.closed
     with pytest.raises(KommoError, match="closed"):
         await client.get_talk(1)
+    assert fake.stats.requests == 1
+
+
+async def test_batches_on_a_closed_client_raise_before_reading_anything(
+    fake: FakeKommo,
+) -> None:
+    client = KommoClient(fake.url, LongLivedToken(fake.token), rate_limit=None)
+    await client.get_talk(1)
+    await client.close()
+    read: list[int] = []
+
+    def ids() -> Iterator[int]:
+        for talk_id in range(1, 100_001):
+            read.append(talk_id)
+            yield talk_id
+
+    with pytest.raises(ClientClosedError):
+        await client.close_talks(ids())
+    with pytest.raises(ClientClosedError):
+        await client.get_talks(ids())
+    with pytest.raises(ClientClosedError):
+        client.iter_close_talks(ids())
+
+    assert issubclass(ClientClosedError, KommoError)
+    assert read == []
+    assert fake.stats.requests == 1
+
+
+class GatedSleep:
+    """A sleep function that blocks until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.entered.set()
+        await self.gate.wait()
+
+
+async def test_closing_the_client_during_a_backoff_fails_the_call_with_nothing_sent(
+    fake: FakeKommo,
+) -> None:
+    sleep = GatedSleep()
+    client = KommoClient(fake.url, LongLivedToken(fake.token), rate_limit=None, sleep=sleep)
+    fake.script("get", 503)
+    call = asyncio.create_task(client.get_talk(1))
+    async with asyncio.timeout(5):
+        await sleep.entered.wait()  # the 503 came back; the call waits to retry
+    await client.close()
+    sleep.gate.set()
+
+    with pytest.raises(ClientClosedError):
+        await call
+    assert fake.stats.requests == 1
+
+
+async def test_closing_the_client_during_a_batch_stops_it(fake: FakeKommo) -> None:
+    client = KommoClient(fake.url, LongLivedToken(fake.token), rate_limit=None)
+    read = 0
+
+    async def endless() -> AsyncIterator[int]:
+        nonlocal read
+        for talk_id in itertools.count(1):
+            read += 1
+            if read == 30:
+                await client.close()
+            yield talk_id
+
+    async with asyncio.timeout(5):
+        outcomes = await client.close_talks(endless(), force=True, concurrency=4)
+
+    assert read < 40  # it stopped reading soon after the close
+    assert outcomes[0].status is CloseStatus.CLOSED
+    assert isinstance(outcomes[-1].error, ClientClosedError)
+
+
+async def test_a_closed_borrowed_session_is_a_kommo_error(fake: FakeKommo) -> None:
+    session = aiohttp.ClientSession()
+    client = KommoClient(fake.url, LongLivedToken(fake.token), session=session, rate_limit=None)
+    await client.get_talk(1)
+    await session.close()
+
+    with pytest.raises(ClientClosedError, match="session"):
+        await client.get_talk(2)
     assert fake.stats.requests == 1
 
 

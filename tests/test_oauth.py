@@ -26,6 +26,7 @@ from kommo_talks import (
     KommoClient,
     MemoryTokenStore,
     OAuth2,
+    RateLimitError,
     RetryPolicy,
     TokenRefreshError,
     TokenSet,
@@ -812,3 +813,40 @@ async def test_a_whole_lifecycle_logs_no_secret(
     assert "refreshed the tokens" in text
     assert "authorization code exchanged" in text
     assert "Token has been revoked" in text
+
+
+async def test_a_refresh_due_during_a_long_pause_is_not_sent_and_the_call_is_named(
+    fake: FakeKommo,
+) -> None:
+    store = MemoryTokenStore(fake.oauth.issue_tokens())
+    async with client_for(fake, oauth_for(fake, store)) as client:
+        await client.get_talk(1)
+        fake.script("get", Fault.error(429, retry_after=120))  # far above FAST.max_delay
+        with pytest.raises(RateLimitError):
+            await client.get_talk(1)
+        await store.save(expired(fake.oauth.issue_tokens()))
+        tokens_before = fake.stats.by_route.get("token", 0)
+
+        with pytest.raises(RateLimitError) as caught:
+            await client.close_talk(2, force=True)
+
+    assert caught.value.request_method == "POST"
+    assert caught.value.request_url == f"{fake.url}/api/v4/talks/2/close"
+    assert fake.stats.by_route.get("token", 0) == tokens_before  # no refresh was sent
+    assert fake.is_open(2)
+
+
+async def test_a_401_answered_during_a_long_pause_sends_no_refresh(fake: FakeKommo) -> None:
+    store = MemoryTokenStore(fake.oauth.issue_tokens())
+    async with client_for(fake, oauth_for(fake, store)) as client:
+        await client.get_talk(1)
+        fake.script("close", Fault(status=401, delay=0.1))  # answered after the 429 below
+        fake.script("get", Fault.error(429, retry_after=120))
+        closing, getting = await asyncio.gather(
+            client.close_talk(2, force=True), client.get_talk(1), return_exceptions=True
+        )
+
+    assert isinstance(getting, RateLimitError)
+    assert isinstance(closing, RateLimitError)  # not a refresh of a token that was fine
+    assert closing.request_url == f"{fake.url}/api/v4/talks/2/close"
+    assert fake.stats.by_route.get("token", 0) == 0
