@@ -70,10 +70,9 @@ USER_AGENT: Final = (
     f"kommo-talks/{__version__} aiohttp/{aiohttp.__version__} "
     f"Python/{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
 )
-_CLOSE_BODIES: Final = {
-    True: orjson.dumps({"force_close": True}),
-    False: orjson.dumps({"force_close": False}),
-}
+# Without force, no force_close at all: the reference says Kommo's NPS bot is
+# launched only when none is supplied, so the SDK leaves Kommo's default alone.
+_CLOSE_BODIES: Final = {True: orjson.dumps({"force_close": True}), False: b"{}"}
 _STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {Talk: structure_talk}
 _TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
 
@@ -271,6 +270,8 @@ class KommoClient:
     async def close_talk(self, talk_id: int, *, force: bool = False) -> None:
         """Close a talk; with ``force=True`` without launching Kommo's NPS bot.
 
+        Sends ``{"force_close": true}`` with ``force``, else ``{}`` (Kommo's
+        default: it may launch the NPS bot instead of closing at once).
         Returns on 202. A 422 raises :class:`TalkAlreadyClosedError`, unless an
         earlier attempt of this same call ended ambiguously (timeout, dropped
         connection, 5xx): that attempt may have closed the talk, so the call

@@ -103,7 +103,7 @@ async def test_close_talk_posts_force_close_as_json(
 
     assert list(mocked.requests) == [("POST", URL(url))]
     (call,) = calls(mocked, "POST", url)
-    assert json.loads(call.kwargs["data"]) == {"force_close": force}
+    assert json.loads(call.kwargs["data"]) == ({"force_close": True} if force else {})
     headers = call.kwargs["headers"]
     assert headers["Content-Type"] == "application/json"
     assert headers["Authorization"] == f"Bearer {TOKEN}"

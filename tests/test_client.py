@@ -61,7 +61,7 @@ async def test_get_talk_sends_the_documented_request(client: KommoClient, fake: 
 
 
 @pytest.mark.parametrize(
-    ("force", "body"), [(True, {"force_close": True}), (False, {"force_close": False})]
+    ("force", "body"), [(True, {"force_close": True}), (False, {})]
 )
 async def test_close_talk_posts_force_close(
     client: KommoClient, fake: FakeKommo, force: bool, body: dict[str, bool]
