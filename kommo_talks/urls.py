@@ -12,16 +12,23 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def is_loopback(host: str | None) -> bool:
-    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    """True for the loopback hosts named for tests and fakes: ``localhost``, ``127.0.0.1``, ``::1``.
+
+    Other addresses of 127.0.0.0/8 are loopback too, but are not accepted:
+    the rule stays the short list users can read in the docs.
+    """
     if not host:
         return False
     host = host.strip("[]").lower()
     if host in LOOPBACK_HOSTS:
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host) == _IPV6_LOOPBACK  # ::1 written out longer
     except ValueError:
         return False
+
+
+_IPV6_LOOPBACK = ipaddress.IPv6Address("::1")
 
 
 def normalize_base_url(base_url: str) -> URL:

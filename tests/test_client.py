@@ -60,9 +60,7 @@ async def test_get_talk_sends_the_documented_request(client: KommoClient, fake: 
     assert request.body == b""
 
 
-@pytest.mark.parametrize(
-    ("force", "body"), [(True, {"force_close": True}), (False, {})]
-)
+@pytest.mark.parametrize(("force", "body"), [(True, {"force_close": True}), (False, {})])
 async def test_close_talk_posts_force_close(
     client: KommoClient, fake: FakeKommo, force: bool, body: dict[str, bool]
 ) -> None:
@@ -294,6 +292,8 @@ async def test_redirects_are_not_followed(raw_server: Callable[[web.Response], s
         "example.kommo.com",
         "",
         "http://10.0.0.1",
+        "http://127.0.0.2",  # loopback, but not one of the three named hosts
+        "http://localhost.example.com",
     ],
 )
 def test_bad_base_url_is_rejected(base_url: str) -> None:
@@ -309,6 +309,7 @@ def test_bad_base_url_is_rejected(base_url: str) -> None:
         ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
         ("http://localhost", "http://localhost"),
         ("http://[::1]:9000/", "http://[::1]:9000"),
+        ("http://LOCALHOST:8000", "http://localhost:8000"),
     ],
 )
 def test_good_base_url_is_accepted(base_url: str, normalized: str) -> None:
