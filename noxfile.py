@@ -19,7 +19,7 @@ def group(name: str) -> list[str]:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (warnings are errors; Redis tests start their own server)."""
-    session.install("-e", ".[cli,redis]", *group("test"))
+    session.install("-e", ".[redis]", *group("test"))
     session.run("pytest", *session.posargs)
 
 
@@ -34,7 +34,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typing(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[cli,redis]", *group("typing"))
+    session.install("-e", ".[redis]", *group("typing"))
     session.run("mypy")
 
 
@@ -50,7 +50,7 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks; each prints its figures next to its target."""
-    session.install("-e", ".[cli,redis]", *group("test"))
+    session.install("-e", ".[redis]", *group("test"))
     scripts = session.posargs or sorted(str(p) for p in Path("benchmarks").glob("bench_*.py"))
     for script in scripts:
         session.log(f"== {script}")

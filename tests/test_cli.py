@@ -406,17 +406,3 @@ async def test_help_lists_every_command() -> None:
     assert result.code == 0
     for command in ("get", "close", "list", "demo", "auth"):
         assert command in result.out
-
-
-def test_main_without_the_cli_extra_prints_a_hint(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from kommo_talks.cli import main
-
-    monkeypatch.setitem(sys.modules, "click", None)  # `import click` now raises ImportError
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-
-    assert exit_info.value.code == 2
-    assert "pip install 'kommo-talks[cli]'" in capsys.readouterr().err
