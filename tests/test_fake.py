@@ -1,10 +1,14 @@
-"""FakeKommo's helpers for checking what a client sent."""
+"""FakeKommo's default data, and its helpers for checking what a client sent."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import aiohttp
 import pytest
 
-from kommo_talks.testing import busiest_window
+from kommo_talks.testing import FakeKommo, busiest_window
 
 
 @pytest.mark.parametrize(
@@ -21,3 +25,22 @@ def test_busiest_window_counts_the_fullest_rolling_window(
     times: list[float], window: float, busiest: int
 ) -> None:
     assert busiest_window(times, window) == busiest
+
+
+async def test_a_default_talk_is_the_documented_example_with_its_own_id() -> None:
+    documented = json.loads((Path(__file__).parent / "data" / "talk_117.json").read_text("utf-8"))
+    async with FakeKommo() as fake, aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {fake.token}"}
+        async with http.get(f"{fake.url}/api/v4/talks/5", headers=headers) as response:
+            served = await response.json()
+        async with http.get(f"{fake.url}/api/v4/talks/101", headers=headers) as response:
+            beyond = response.status
+
+    expected = json.loads(
+        json.dumps(documented)
+        .replace("https://example.kommo.ru", fake.url)
+        .replace("/api/v4/talks/117", "/api/v4/talks/5")
+    )
+    expected["talk_id"] = 5
+    assert served == expected
+    assert beyond == 404

@@ -604,10 +604,13 @@ class FakeKommo:
 
 
 def example_talk(talk_id: int) -> dict[str, Any]:
-    """The API reference's example talk with ``talk_id`` (no links), as the fake stores it."""
+    """The API reference's example talk with ``talk_id`` (no links), as the fake stores it.
+
+    Only ``talk_id`` differs from the documented example: every default talk
+    has its ``chat_id``, contact and lead, as ``FakeKommo``'s contract says.
+    """
     talk = dict(_EXAMPLE)
     talk["talk_id"] = talk_id
-    talk["chat_id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"kommo-talk-{talk_id}"))
     return talk
 
 
