@@ -121,8 +121,11 @@ def _encode_value(key: str, value: object) -> str:
         return "1"
     if value is False:
         return "0"
-    if type(value) is int or type(value) is str:
-        return str(value)
+    # Subclasses too (an IntEnum, a StrEnum), sent by their plain value.
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, str):
+        return str.__str__(value)
     raise ValueError(
         f"filter[{key}] values must be int, str or bool (or a non-empty list, tuple or set "
         f"of them), got {value!r}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, cast
@@ -222,6 +223,20 @@ def test_encode_filter_is_plain_pairs_in_order() -> None:
         ("filter[only_in_work]", ""),
         ("filter[talk_id][]", "2"),
         ("filter[talk_id][]", "1"),
+    ]
+
+
+def test_enum_values_are_sent_by_their_plain_value() -> None:
+    class Kind(enum.StrEnum):
+        LEAD = "lead"
+
+    class Id(enum.IntEnum):
+        FIRST = 7
+
+    assert encode_filter({"entity_type": Kind.LEAD, "talk_id": [Id.FIRST, 8]}) == [
+        ("filter[entity_type]", "lead"),
+        ("filter[talk_id][]", "7"),
+        ("filter[talk_id][]", "8"),
     ]
 
 
