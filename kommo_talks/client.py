@@ -46,7 +46,7 @@ from .errors import (
 )
 from .models import CloseOutcome, Talk
 from .pause import ServerPause
-from .problems import make_api_error, parse_problem
+from .problems import make_api_error, parse_problem, redact
 from .ratelimit import RateLimiter, SlidingWindowRateLimiter
 from .retry import (
     RetryPolicy,
@@ -458,6 +458,7 @@ class KommoClient:
             self._log(method, url, status, started, attempt)
             if 200 <= status < 300:
                 return response
+            response.body = redact(response.body, (token,))  # an echo must not leak it
             if status == 422 and closing and ambiguous:
                 return response
             if status == 401 and not refreshed:
@@ -617,6 +618,7 @@ class KommoClient:
                         status=status,
                     )
                 return body
+            response.body = redact(response.body, _secrets_of(payload))
             problem, text = parse_problem(response.content_type, response.body)
             if is_retryable_status(status):
                 # The server-given wait pauses the whole client even when this
@@ -629,6 +631,11 @@ class KommoClient:
                         await self._sleep(backoff_delay(policy, attempt, self._rng))
                     continue
             raise _token_error(status, problem, text, attempt)
+
+
+def _secrets_of(payload: Mapping[str, str]) -> list[str]:
+    """The values of a token request that an echoed error body must not show."""
+    return [payload[key] for key in ("client_secret", "refresh_token", "code") if key in payload]
 
 
 def _token_error(

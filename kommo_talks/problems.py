@@ -7,6 +7,7 @@ proxy answers with an HTML page. Both must give the right exception class.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -22,7 +23,14 @@ from .errors import (
     UnauthorizedError,
 )
 
-__all__ = ["DETAIL_LIMIT", "error_class", "is_block", "make_api_error", "parse_problem"]
+__all__ = [
+    "DETAIL_LIMIT",
+    "error_class",
+    "is_block",
+    "make_api_error",
+    "parse_problem",
+    "redact",
+]
 
 DETAIL_LIMIT = 500
 """A non-JSON error body is kept as ``detail``, cut to this many characters."""
@@ -105,3 +113,19 @@ def is_block(status: int, content_type: str | None, body: bytes) -> bool:
         return False
     problem, _ = parse_problem(content_type, body)
     return not problem
+
+
+REDACTED = b"[redacted]"
+
+
+def redact(body: bytes, secrets: Iterable[str]) -> bytes:
+    """``body`` with every secret in it (as UTF-8) replaced by ``[redacted]``.
+
+    For error bodies, which end up in exception messages: a proxy or a
+    debugging endpoint may echo the request, ``Authorization`` header
+    included.
+    """
+    for secret in secrets:
+        if secret:
+            body = body.replace(secret.encode("utf-8"), REDACTED)
+    return body

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from kommo_talks import (
     RetryPolicy,
     Talk,
     TalkAlreadyClosedError,
+    TokenRefreshError,
     UnauthorizedError,
     converter,
 )
@@ -217,6 +219,56 @@ async def raw_server() -> AsyncIterator[Callable[[web.Response], str]]:
 
     yield serve
     await runner.cleanup()
+
+
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[str]:
+    """A loopback server that answers 403 (HTML) or 400 (token endpoint) echoing the request."""
+
+    async def echo(request: web.Request) -> web.Response:
+        if request.path == "/oauth2/access_token":
+            problem = {"title": "Bad request", "hint": f"You sent {await request.text()}"}
+            return web.json_response(problem, status=400, content_type="application/problem+json")
+        page = f"<html>Denied. You sent {request.headers.get('Authorization')}</html>"
+        return web.Response(status=403, text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_error_page_echoing_the_token_does_not_leak_it() -> None:
+    token = "SECRET-long-lived-token-123"
+    async with echo_server() as url, KommoClient(url, LongLivedToken(token)) as client:
+        with pytest.raises(ForbiddenError) as caught:
+            await client.get_talk(1)
+
+    error = caught.value
+    assert "Denied" in str(error)
+    assert token not in str(error)
+    assert token not in repr(error)
+    assert token not in (error.detail or "")
+
+
+async def test_a_token_endpoint_error_echoing_the_secrets_does_not_leak_them() -> None:
+    secrets = {"client_secret": "CLIENT-SECRET-42", "refresh_token": "REFRESH-TOKEN-42"}
+    payload = {"client_id": "c1", "grant_type": "refresh_token", "redirect_uri": "https://x/cb"}
+    async with echo_server() as url, KommoClient(url, LongLivedToken("t")) as client:
+        with pytest.raises(TokenRefreshError) as caught:
+            await client.request_tokens({**payload, **secrets})
+
+    text = f"{caught.value} {caught.value!r} {caught.value.hint}"
+    assert caught.value.status == 400
+    assert "You sent" in text
+    for secret in secrets.values():
+        assert secret not in text
 
 
 @pytest.mark.parametrize(
