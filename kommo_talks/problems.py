@@ -116,6 +116,7 @@ def is_block(status: int, content_type: str | None, body: bytes) -> bool:
 
 
 REDACTED = b"[redacted]"
+MIN_SECRET_LENGTH = 8
 
 
 def redact(body: bytes, secrets: Iterable[str]) -> bytes:
@@ -123,9 +124,11 @@ def redact(body: bytes, secrets: Iterable[str]) -> bytes:
 
     For error bodies, which end up in exception messages: a proxy or a
     debugging endpoint may echo the request, ``Authorization`` header
-    included.
+    included. Strings shorter than :data:`MIN_SECRET_LENGTH` are left alone:
+    no real token is that short, and replacing every ``t`` of a body would
+    destroy it.
     """
     for secret in secrets:
-        if secret:
+        if len(secret) >= MIN_SECRET_LENGTH:
             body = body.replace(secret.encode("utf-8"), REDACTED)
     return body

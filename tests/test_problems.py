@@ -15,7 +15,7 @@ from kommo_talks import (
     TalkAlreadyClosedError,
     UnauthorizedError,
 )
-from kommo_talks.problems import error_class, is_block, make_api_error, parse_problem
+from kommo_talks.problems import error_class, is_block, make_api_error, parse_problem, redact
 
 KOMMO_500 = {
     "title": "ErrInternalServer",
@@ -142,3 +142,11 @@ def test_a_mislabelled_json_problem_is_still_parsed() -> None:
     assert problem["detail"] == "Insufficient rights"
     assert text is None
     assert not is_block(403, "text/plain", body)
+
+
+def test_redact_replaces_real_secrets_and_leaves_short_strings_alone() -> None:
+    body = b'{"detail": "Authorization: Bearer abcdef123456 was not accepted", "status": 403}'
+
+    assert redact(body, ["abcdef123456", "t", ""]) == (
+        b'{"detail": "Authorization: Bearer [redacted] was not accepted", "status": 403}'
+    )
