@@ -164,10 +164,31 @@ async def test_a_wrong_token_is_one_line_and_nothing_is_closed(fake: FakeKommo) 
     assert "wrong-token" not in get.err
     assert close.code == 1
     assert_one_line_error(close, "nothing was closed", "401")
-    assert fake.stats.by_route["close"] == 0
+    assert fake.stats.by_route["close"] == 1  # the first close alone; then it stopped
 
 
 # -- close -----------------------------------------------------------------------------------
+
+
+async def test_a_first_close_refused_for_the_account_stops_before_the_rest(
+    fake: FakeKommo,
+) -> None:
+    fake.script("close", 402)  # the account is unpaid: every close would get it
+
+    result = await kommo_talks("close", "1", "2", "3", env=cli_env(fake))
+
+    assert result.code == 1
+    assert_one_line_error(result, "nothing was closed", "402")
+    assert fake.stats.by_route["close"] == 1
+    assert fake.closed_talks() == []
+
+
+async def test_a_missing_first_talk_does_not_stop_the_others(fake: FakeKommo) -> None:
+    result = await kommo_talks("close", "404", "1", "2", "--force", env=cli_env(fake))
+
+    assert result.code == 1  # one talk failed
+    assert fake.closed_talks() == [1, 2]
+    assert "404" in result.out
 
 
 async def test_close_ids_given_as_arguments(fake: FakeKommo) -> None:
@@ -175,7 +196,7 @@ async def test_close_ids_given_as_arguments(fake: FakeKommo) -> None:
 
     assert result.code == 0, result.err
     assert fake.closed_talks() == [1, 2, 3]
-    assert fake.stats.by_route["close"] == 3
+    assert [r.route for r in fake.requests] == ["close"] * 3  # nothing else is sent
     assert "Summary" in result.out
     assert "closed" in result.out
     assert all(r.json() == {"force_close": True} for r in fake.requests if r.route == "close")
@@ -252,7 +273,7 @@ async def test_already_closed_talks_still_exit_0(fake: FakeKommo) -> None:
 
 
 async def test_a_block_stops_the_close_and_lists_talks_not_attempted(fake: FakeKommo) -> None:
-    fake.script("close", Fault.error(403, html=True))
+    fake.script("close", Fault(), Fault.error(403, html=True))  # the first goes through
 
     result = await kommo_talks(
         "close", "1", "2", "3", "4", "--force", "--concurrency", "1", "--json", env=cli_env(fake)
@@ -260,11 +281,24 @@ async def test_a_block_stops_the_close_and_lists_talks_not_attempted(fake: FakeK
 
     assert result.code == 1
     records = [orjson.loads(line) for line in result.out.splitlines()]
-    assert records[0]["status"] == "failed"
-    assert records[0]["http_status"] == 403
-    assert [r["status"] for r in records[1:]] == ["not_attempted"] * 3
-    assert "IP/account block" in records[1]["reason"]
+    assert records[0]["status"] == "closed"
+    assert records[1]["status"] == "failed"
+    assert records[1]["http_status"] == 403
+    assert [r["status"] for r in records[2:]] == ["not_attempted"] * 2
+    assert "IP/account block" in records[2]["reason"]
     assert "Not attempted" in result.err
+    assert fake.stats.by_route["close"] == 2
+
+
+async def test_a_block_on_the_first_close_is_one_line_and_nothing_else_is_sent(
+    fake: FakeKommo,
+) -> None:
+    fake.script("close", Fault.error(403, html=True))
+
+    result = await kommo_talks("close", "1", "2", "3", "--force", env=cli_env(fake))
+
+    assert result.code == 1
+    assert_one_line_error(result, "nothing was closed", "blocks this IP")
     assert fake.stats.by_route["close"] == 1
 
 

@@ -274,12 +274,19 @@ async def _close(
 ) -> int:
     out = Console(stderr=as_json, highlight=False)
     err = Console(stderr=True, highlight=False)
+    first = talk_ids[0]
+    rest = [talk_id for talk_id in talk_ids[1:] if talk_id != first]
     async with make_client(token_file) as client:
-        await _preflight(client, talk_ids[0])
-        batch = close_run(client, talk_ids, force=force, concurrency=concurrency)
-        outcomes: dict[int, CloseOutcome] = {}
+        # Wrong credentials or host fail once, not once per talk: the first talk
+        # is closed alone, and the rest only if that did not fail for them all.
+        (first_outcome,) = await close_run(client, [first], force=force, concurrency=1).collect()
+        if first_outcome.error is not None and fails_every_talk(first_outcome.error):
+            raise cli_error("nothing was closed", first_outcome.error)
+        batch = close_run(client, rest, force=force, concurrency=concurrency)
+        outcomes: dict[int, CloseOutcome] = {first: first_outcome}
         interrupted = False
         with ProgressReporter(err, len(talk_ids), "closing") as reporter:
+            reporter.advance(first_outcome)
 
             def progress(outcome: CloseOutcome) -> None:
                 outcomes[outcome.talk_id] = outcome
@@ -307,18 +314,16 @@ async def _close(
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-async def _preflight(client: KommoClient, talk_id: int) -> None:
-    """One GET before any close: wrong credentials or host fail once, not once per talk."""
-    try:
-        await client.get_talk(talk_id)
-    except NotFoundError:
-        return  # the account answers; the close will report this talk
-    except ForbiddenError as exc:
-        if exc.is_block:
-            raise cli_error("nothing was closed", exc) from None
-        return  # a permission error on this talk: the others may be fine
-    except KommoError as exc:
-        raise cli_error("nothing was closed", exc) from None
+def fails_every_talk(error: KommoError) -> bool:
+    """True if a failed close says the others would fail alike (credentials, host, account).
+
+    A missing talk or a permission error on one talk says nothing of the others.
+    """
+    if isinstance(error, NotFoundError):
+        return False
+    if isinstance(error, ForbiddenError):
+        return error.is_block
+    return True
 
 
 @cli.command(name="list")
