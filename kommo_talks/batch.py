@@ -9,8 +9,11 @@ outcomes it returns).
 How a batch ends:
 
 - the input runs out: every distinct ID read has its outcome;
-- it *stops* on an IP/account block (a 403 whose body is not JSON) or on a
-  server-given wait longer than the client's ``max_delay``: nothing more is
+- it *stops* on an IP/account block (a 403 whose body is not JSON), a
+  server-given wait longer than the client's ``max_delay``, a
+  :class:`CoordinationError` (a shared limiter or token store is down, e.g.
+  ``RedisUnavailableError``) or a :class:`ClientClosedError` (the client was
+  closed during the batch); see :func:`is_stop_error`. Nothing more is
   read or sent (the client's send gate refuses even retries of requests in
   flight), requests already on the wire finish with their own outcome, IDs
   read but not sent end ``FAILED`` with the stopping error, and IDs never
@@ -181,8 +184,10 @@ class BatchRun(Generic[R]):
     back-pressure). A run runs once.
 
     Attributes (meaningful once the run has ended):
-        stop_error: the error that stopped the batch (a block, or a
-            server-given wait above ``max_delay``), or ``None``.
+        stop_error: the error that stopped the batch (a block, a
+            server-given wait above ``max_delay``, a
+            :class:`CoordinationError` or a :class:`ClientClosedError`; see
+            :func:`is_stop_error`), or ``None``.
         unsent: IDs that were read but never sent because the batch had
             stopped (their results carry :attr:`stop_error`), in the order
             they were refused.
