@@ -174,7 +174,7 @@ class RedisRateLimiter:
     The key expires as soon as the limiter is idle.
 
     Turns are evenly paced, (window + margin) / ⌊R⌋ apart (7/s: one every
-    144 ms), where the in-process limiter lets the first ⌊R⌋ requests after a
+    146 ms), where the in-process limiter lets the first ⌊R⌋ requests after a
     pause go at once. The steady rate is the same; the reason is lateness:
     a burst of ⌊R⌋ sends from several processes at one instant queues (in
     the clients, on the network, at the server), and the last of the burst
