@@ -348,7 +348,9 @@ class RedisTokenStore:
             holder renews it every ``lock_timeout / 3`` s while it holds it,
             so it only expires if the holder stalls (a frozen or cut-off
             process). Set it above the token endpoint's timeout times its
-            attempts.
+            attempts, plus the waits between them: with the client's default
+            ``timeout`` and ``RetryPolicy``, about 160-270 s (the default 60
+            is below that).
 
     Remaining risk: a holder that stalls longer than ``lock_timeout`` with its
     refresh request already sent lets a second process exchange the same
