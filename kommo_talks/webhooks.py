@@ -508,10 +508,11 @@ class WebhookReceiver:
     missing or differs (checked in constant time, before the body is read);
     ``400`` for a body that :func:`parse_webhook` rejects (nothing is
     called); ``413`` for a body larger than the application's
-    ``client_max_size`` (aiohttp's limit; nothing is called); ``503`` when accepting the delivery would leave more than
-    ``max_pending`` events waiting or running (a delivery is always accepted
-    when nothing is pending) or once draining has started. Kommo retries a
-    delivery answered ``503``, and none of its events was queued.
+    ``client_max_size`` (aiohttp's limit; nothing is called); ``503`` when
+    accepting the delivery would leave more than ``max_pending`` events
+    waiting or running (a delivery is always accepted when nothing is
+    pending) or once draining has started. Kommo retries a delivery answered
+    ``503``, and none of its events was queued.
 
     The events of one delivery are handed to ``callback`` one after another,
     in the delivery's order; different deliveries run concurrently, each in
