@@ -122,7 +122,8 @@ class KommoClient:
 
     Args:
         base_url: the account's address, e.g. ``https://example.kommo.com``;
-            ``https://`` only (``http://`` for loopback hosts, for tests).
+            ``https://`` only (``http://`` only for ``localhost``,
+            ``127.0.0.1`` and ``[::1]``, for tests).
         auth: :class:`LongLivedToken` or :class:`OAuth2`.
         session: an ``aiohttp.ClientSession`` to borrow; it is never closed
             by the client. Without one, the client creates its own (lazily,
