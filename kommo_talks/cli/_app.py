@@ -398,7 +398,7 @@ async def _list(filters: dict[str, Any], as_json: bool, token_file: str | None) 
     type=click.FloatRange(0, 0.5),
     default=0.08,
     show_default=True,
-    help="Share of requests that get an injected fault.",
+    help="Share of close requests that get an injected fault.",
 )
 def demo(talks: int, rate: float, concurrency: int, fault_rate: float) -> NoReturn:
     """Run the SDK end to end against an embedded FakeKommo (no account needed)."""
