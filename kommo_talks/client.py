@@ -273,10 +273,10 @@ class KommoClient:
 
         Sends ``{"force_close": true}`` with ``force``, else ``{}`` (Kommo's
         default: it may launch the NPS bot instead of closing at once).
-        Returns on 202. A 422 raises :class:`TalkAlreadyClosedError`, unless an
-        earlier attempt of this same call ended ambiguously (timeout, dropped
-        connection, 5xx): that attempt may have closed the talk, so the call
-        returns ``None``.
+        Returns on any 2xx (Kommo answers 202). A 422 raises
+        :class:`TalkAlreadyClosedError`, unless an earlier attempt of this same
+        call ended ambiguously (timeout, dropped connection, 5xx): that attempt
+        may have closed the talk, so the call returns ``None``.
 
         Raises:
             ValueError: ``talk_id`` is not a positive int (nothing is sent).
