@@ -20,9 +20,9 @@ class TokenEndpoint(Protocol):
     async def request_tokens(self, payload: Mapping[str, str]) -> dict[str, Any]:
         """POST ``payload`` as JSON to ``{base_url}/oauth2/access_token``.
 
-        Network failures, 429 and 5xx are retried under the client's
-        ``RetryPolicy`` (same payload: the same old refresh token). Returns the
-        JSON answer. Raises :class:`~kommo_talks.TokenRefreshError` when the
+        Network failures, 429, 500, 502, 503 and 504 are retried under the
+        client's ``RetryPolicy`` (same payload: the same old refresh token).
+        Returns the JSON answer. Raises :class:`~kommo_talks.TokenRefreshError` when the
         endpoint refuses (400/401, with the problem's ``hint``) or keeps failing.
         """
         ...

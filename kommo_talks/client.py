@@ -559,9 +559,9 @@ class KommoClient:
         """POST to ``{base_url}/oauth2/access_token`` and return the JSON answer.
 
         Used by :class:`OAuth2`; goes through the same rate limiter and
-        server-given pauses as every other request. Network failures, 429 and
-        5xx are retried with the same payload under the client's
-        :class:`RetryPolicy` (its own attempt budget).
+        server-given pauses as every other request. Network failures, 429,
+        500, 502, 503 and 504 are retried with the same payload under the
+        client's :class:`RetryPolicy` (its own attempt budget).
 
         Raises:
             TokenRefreshError: the endpoint refused (400/401, carrying the
