@@ -22,8 +22,9 @@ class TokenEndpoint(Protocol):
 
         Network failures, 429, 500, 502, 503 and 504 are retried under the
         client's ``RetryPolicy`` (same payload: the same old refresh token).
-        Returns the JSON answer. Raises :class:`~kommo_talks.TokenRefreshError` when the
-        endpoint refuses (400/401, with the problem's ``hint``) or keeps failing.
+        Returns the JSON answer. Raises :class:`~kommo_talks.TokenRefreshError`
+        when the endpoint refuses (400/401, with the problem's ``hint``) or
+        keeps failing.
         """
         ...
 
