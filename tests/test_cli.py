@@ -150,7 +150,7 @@ async def test_an_unreachable_host_is_one_line_and_nothing_is_closed() -> None:
     assert get.code == 1
     assert_one_line_error(get, "cannot reach Kommo")
     assert close.code == 1
-    assert_one_line_error(close, "nothing was closed", "cannot reach Kommo")
+    assert_one_line_error(close, "nothing else was sent", "cannot reach Kommo")
 
 
 async def test_a_wrong_token_is_one_line_and_nothing_is_closed(fake: FakeKommo) -> None:
@@ -163,7 +163,7 @@ async def test_a_wrong_token_is_one_line_and_nothing_is_closed(fake: FakeKommo) 
     assert_one_line_error(get, "401", "KOMMO_TOKEN")
     assert "wrong-token" not in get.err
     assert close.code == 1
-    assert_one_line_error(close, "nothing was closed", "401")
+    assert_one_line_error(close, "nothing else was sent", "401")
     assert fake.stats.by_route["close"] == 1  # the first close alone; then it stopped
 
 
@@ -178,7 +178,7 @@ async def test_a_first_close_refused_for_the_account_stops_before_the_rest(
     result = await kommo_talks("close", "1", "2", "3", env=cli_env(fake))
 
     assert result.code == 1
-    assert_one_line_error(result, "nothing was closed", "402")
+    assert_one_line_error(result, "nothing else was sent", "402")
     assert fake.stats.by_route["close"] == 1
     assert fake.closed_talks() == []
 
@@ -298,7 +298,7 @@ async def test_a_block_on_the_first_close_is_one_line_and_nothing_else_is_sent(
     result = await kommo_talks("close", "1", "2", "3", "--force", env=cli_env(fake))
 
     assert result.code == 1
-    assert_one_line_error(result, "nothing was closed", "blocks this IP")
+    assert_one_line_error(result, "nothing else was sent", "blocks this IP")
     assert fake.stats.by_route["close"] == 1
 
 

@@ -281,7 +281,7 @@ async def _close(
         # is closed alone, and the rest only if that did not fail for them all.
         (first_outcome,) = await close_run(client, [first], force=force, concurrency=1).collect()
         if first_outcome.error is not None and fails_every_talk(first_outcome.error):
-            raise cli_error("nothing was closed", first_outcome.error)
+            raise cli_error("the first close failed, so nothing else was sent", first_outcome.error)
         batch = close_run(client, rest, force=force, concurrency=concurrency)
         outcomes: dict[int, CloseOutcome] = {first: first_outcome}
         interrupted = False
