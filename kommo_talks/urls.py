@@ -54,8 +54,8 @@ def normalize_base_url(base_url: str) -> URL:
     if url.scheme == "http":
         if not is_loopback(url.host):
             raise ValueError(
-                f"base_url must use https:// (http:// is allowed only for loopback hosts), "
-                f"got {url.with_user(None)}"
+                "base_url must use https:// (http:// is allowed only for localhost, "
+                f"127.0.0.1 and [::1]), got {url.with_user(None)}"
             )
     elif url.scheme != "https":
         raise ValueError(f"base_url must use https://, got scheme {url.scheme!r}")
