@@ -398,7 +398,7 @@ class KommoClient:
         success (the earlier attempt closed the talk), and a first-attempt
         422 raises :class:`TalkAlreadyClosedError`.
         """
-        self._session_or_raise()
+        self._session_or_raise()  # a closed client fails before anything, a token refresh too
         policy = self.retry
         auth = self._auth
         static_token = self._static_token
