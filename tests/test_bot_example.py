@@ -18,8 +18,8 @@ from typing import Any
 
 import attrs
 import pytest
-from aiohttp import web
 from conftest import FAST_RETRY
+from loopback import serving
 
 from kommo_talks import KommoClient, LongLivedToken
 from kommo_talks.testing import FakeKommo
@@ -94,15 +94,8 @@ async def run_bot(
         return client
 
     app = bot.make_app(client_factory, secret=secret, on_event=seen, **options)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}{bot.WEBHOOK_PATH}"
-    try:
-        yield Running(fake, url, seen, clients)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base:
+        yield Running(fake, f"{base}{bot.WEBHOOK_PATH}", seen, clients)
     assert all(client.closed for client in clients)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from loopback import answering_everything, serving
 
 from kommo_talks import (
     APIError,
@@ -205,20 +206,13 @@ async def raw_server() -> AsyncIterator[Callable[[web.Response], str]]:
     async def handler(request: web.Request) -> web.Response:
         return answers[-1]
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with serving(answering_everything(handler)) as url:
 
-    def serve(response: web.Response) -> str:
-        answers.append(response)
-        return url
+        def serve(response: web.Response) -> str:
+            answers.append(response)
+            return url
 
-    yield serve
-    await runner.cleanup()
+        yield serve
 
 
 @asynccontextmanager
@@ -232,16 +226,8 @@ async def echo_server() -> AsyncIterator[str]:
         page = f"<html>Denied. You sent {request.headers.get('Authorization')}</html>"
         return web.Response(status=403, text=page, content_type="text/html")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(answering_everything(echo)) as url:
+        yield url
 
 
 async def test_an_error_page_echoing_the_token_does_not_leak_it() -> None:

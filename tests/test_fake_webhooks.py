@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -12,6 +11,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 from aiohttp import web
+from loopback import serving
 
 from kommo_talks import KommoClient
 from kommo_talks.testing import FakeKommo, Fault, WebhookDelivery
@@ -41,18 +41,6 @@ class Hook:
         if self.hang:
             await self.release.wait()
         return web.Response(status=self.status)
-
-
-@contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

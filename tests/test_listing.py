@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import FAST_RETRY
+from loopback import serving
 
 from kommo_talks import (
     DecodeError,
@@ -525,14 +526,8 @@ async def custom_server(
 
     app = web.Application()
     app.router.add_get("/api/v4/talks", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", requests
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url, requests
 
 
 async def raw_get(fake: FakeKommo, path: str, query: dict[str, str]) -> tuple[int, Any]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pytest
 from aiohttp import web
+from loopback import answering_everything, serving
 
 from kommo_talks import (
     APIError,
@@ -493,16 +494,8 @@ async def scripted_server(answers: list[web.Response]) -> AsyncIterator[str]:
     async def handler(request: web.Request) -> web.Response:
         return next(pending)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(answering_everything(handler)) as url:
+        yield url
 
 
 def clocked_client(url: str, fake_clock: FakeClock) -> KommoClient:

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 from aiohttp import web
+from loopback import serving
 
 from kommo_talks.webhooks import (
     MessageEvent,
@@ -91,15 +92,8 @@ class Recorder:
 async def serve(app: web.Application) -> AsyncIterator[str]:
     """Run ``app`` on 127.0.0.1 (ephemeral port) and yield its hook URL."""
     # A short shutdown_timeout only matters to a broken receiver whose handler hangs.
-    runner = web.AppRunner(app, shutdown_timeout=HANG / 5)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}{PATH}"
-    finally:
-        await runner.cleanup()
+    async with serving(app, shutdown_timeout=HANG / 5) as base:
+        yield f"{base}{PATH}"
 
 
 @asynccontextmanager
