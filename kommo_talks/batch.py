@@ -50,6 +50,7 @@ from .errors import (
     RateLimitError,
     ServerError,
     TalkAlreadyClosedError,
+    TokenRefreshError,
 )
 from .models import CloseOutcome, CloseStatus, Talk
 
@@ -74,7 +75,8 @@ _WORKER_NAME: Final = "kommo-talks batch worker"
 def is_stop_error(error: KommoError, max_delay: float) -> bool:
     """True if ``error`` must stop a batch.
 
-    That is an IP/account block (:attr:`ForbiddenError.is_block`), a
+    That is an IP/account block (:attr:`ForbiddenError.is_block`, or
+    :attr:`TokenRefreshError.is_block` when the token endpoint met it), a
     :class:`RateLimitError` / :class:`ServerError` whose ``retry_after`` is
     longer than ``max_delay`` (sending on through either is how accounts get
     blocked, or stay blocked), a :class:`CoordinationError` (the shared
@@ -83,7 +85,7 @@ def is_stop_error(error: KommoError, max_delay: float) -> bool:
     """
     if isinstance(error, CoordinationError | ClientClosedError):
         return True
-    if isinstance(error, ForbiddenError):
+    if isinstance(error, ForbiddenError | TokenRefreshError):
         return error.is_block
     if isinstance(error, RateLimitError | ServerError):
         return error.retry_after is not None and error.retry_after > max_delay

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import sys
 import time
@@ -655,14 +656,24 @@ def _token_error(
         detail = problem.get("detail") if problem else text
         if isinstance(detail, str) and detail:
             message += f": {detail[:200]}"
-    return TokenRefreshError(message, status=status, hint=hint, problem=problem)
+    block = status == 403 and not problem  # Kommo's block page, not a JSON problem
+    if block:
+        message += " (Kommo blocks this IP or account)"
+    return TokenRefreshError(message, status=status, hint=hint, problem=problem, is_block=block)
 
 
 def _make_timeout(timeout: float | aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
     if isinstance(timeout, aiohttp.ClientTimeout):
         return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < math.inf
+    ):
+        raise ValueError(
+            f"timeout must be a positive, finite number of seconds, got {timeout!r} "
+            "(for no total limit, pass aiohttp.ClientTimeout(total=None))"
+        )
     return aiohttp.ClientTimeout(total=float(timeout))
 
 

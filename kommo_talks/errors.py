@@ -177,6 +177,9 @@ class TokenRefreshError(KommoError):
         hint: the ``hint`` of Kommo's problem body (e.g. ``"Token has been
             revoked"``), or ``None``. Never contains a token.
         problem: the parsed problem body, ``{}`` if there was none.
+        is_block: the answer was Kommo's IP/account block (a 403 whose body
+            is not JSON), which every other request would meet too: a batch
+            stops at it.
     """
 
     def __init__(
@@ -186,10 +189,12 @@ class TokenRefreshError(KommoError):
         status: int | None = None,
         hint: str | None = None,
         problem: dict[str, Any] | None = None,
+        is_block: bool = False,
     ) -> None:
         self.status = status
         self.hint = hint
         self.problem: dict[str, Any] = problem if problem is not None else {}
+        self.is_block = is_block
         super().__init__(message)
 
 

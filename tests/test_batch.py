@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 
+import attrs
 import pytest
 from conftest import FAST_RETRY, FakeClock
 
@@ -19,10 +21,13 @@ from kommo_talks import (
     KommoClient,
     KommoError,
     LongLivedToken,
+    MemoryTokenStore,
     NotFoundError,
+    OAuth2,
     RateLimitError,
     ServerError,
     Talk,
+    TokenRefreshError,
 )
 from kommo_talks.batch import close_run
 from kommo_talks.testing import FakeKommo, Fault
@@ -538,3 +543,31 @@ async def test_many_concurrent_closes_under_the_client_rate_limit_draw_no_429() 
     assert fake.stats.throttled == 0
     assert all(o.status is CloseStatus.CLOSED for o in outcomes)
     assert fake.closed_talks() == list(range(1, 46))
+
+
+async def test_a_block_met_by_the_token_refresh_stops_the_batch(fake: FakeKommo) -> None:
+    stale = attrs.evolve(fake.oauth.issue_tokens(), expires_at=datetime.now(UTC))
+    auth = OAuth2(
+        fake.oauth.client_id,
+        fake.oauth.client_secret,
+        fake.oauth.redirect_uri,
+        MemoryTokenStore(stale),
+    )
+    fake.block()
+    source = CountingIterator(list(range(1, 1001)))
+    async with KommoClient(fake.url, auth=auth, retry=FAST_RETRY, rate_limit=None) as client:
+        run = close_run(client, source, force=True, concurrency=5)
+        outcomes = await run.collect()
+
+    assert isinstance(run.stop_error, TokenRefreshError)
+    assert run.stop_error.is_block
+    assert "blocks this IP" in str(run.stop_error)
+    assert source.taken <= 5  # no more input read after the block
+    assert len(outcomes) == source.taken
+    assert fake.stats.by_route["token"] == 1  # one refresh for all, and no more after it
+    assert fake.stats.by_route.get("close", 0) == 0
+
+
+def test_an_infinite_timeout_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        KommoClient("https://example.kommo.com", LongLivedToken("t"), timeout=float("inf"))
