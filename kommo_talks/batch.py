@@ -311,7 +311,6 @@ class BatchRun(Generic[R]):
 
     async def _work(self) -> None:
         gate = _Gate(cast("BatchRun[object]", self))
-        send_gate.set(gate)  # this task's own context: only its requests see it
         operation = self._operation
         credits = self._credits
         try:
@@ -330,6 +329,9 @@ class BatchRun(Generic[R]):
                     result = operation.failed(talk_id, stop)
                 else:
                     gate.sent = False
+                    # Set around the request only: tasks that `progress` starts
+                    # must not inherit the batch's gate.
+                    gate_token = send_gate.set(gate)
                     try:
                         result = await operation(talk_id)
                     except _Stopped:
@@ -338,6 +340,8 @@ class BatchRun(Generic[R]):
                         if not gate.sent:
                             self.unsent.append(talk_id)
                         result = operation.failed(talk_id, stop)
+                    finally:
+                        send_gate.reset(gate_token)
                     error = operation.error_of(result)
                     if (
                         error is not None

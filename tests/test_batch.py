@@ -571,3 +571,20 @@ async def test_a_block_met_by_the_token_refresh_stops_the_batch(fake: FakeKommo)
 def test_an_infinite_timeout_is_refused_at_once() -> None:
     with pytest.raises(ValueError, match="finite"):
         KommoClient("https://example.kommo.com", LongLivedToken("t"), timeout=float("inf"))
+
+
+async def test_tasks_started_by_progress_are_not_bound_by_the_batch(
+    fake: FakeKommo, client: KommoClient
+) -> None:
+    fake.script("close", Fault(), Fault.error(403, html=True))  # the second close: a block
+    spawned: list[asyncio.Task[Talk]] = []
+
+    def progress(outcome: CloseOutcome) -> None:
+        spawned.append(asyncio.create_task(client.get_talk(outcome.talk_id)))
+
+    run = close_run(client, range(1, 31), force=True, concurrency=1)
+    await run.collect(progress)
+    talks = await asyncio.gather(*spawned)
+
+    assert run.stop_error is not None  # the batch stopped ...
+    assert [talk.talk_id for talk in talks] == [1, 2]  # ... its callback's own calls did not
