@@ -137,23 +137,30 @@ def plan_refresh(
 
 # One asyncio.Lock per store object (and event loop), so that every OAuth2 of
 # one store in this process takes turns, not only the tasks of one OAuth2.
-_store_locks: weakref.WeakKeyDictionary[Any, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = (
-    weakref.WeakKeyDictionary()
-)
+# Keyed by identity, not by hash: a store need not be hashable (a dataclass is
+# not), and two equal store objects are still two stores. An entry goes when
+# its store is garbage collected.
+_store_locks: dict[int, tuple[weakref.ref[Any], asyncio.AbstractEventLoop, asyncio.Lock]] = {}
 
 
 def _in_process_lock(store: object, fallback: dict[str, Any]) -> asyncio.Lock:
     loop = asyncio.get_running_loop()
+    key = id(store)
+    entry = _store_locks.get(key)
+    # A lock is bound to the loop it waited in; a store may outlive an asyncio.run().
+    if entry is not None and entry[0]() is store and entry[1] is loop:
+        return entry[2]
     try:
-        entry = _store_locks.get(store)
-        if entry is None or entry[0] is not loop:
-            # A lock is bound to the loop it waited in; a store may outlive an asyncio.run().
-            entry = _store_locks[store] = (loop, asyncio.Lock())
-    except TypeError:  # a store that cannot be weakly referenced or hashed: one lock per OAuth2
-        entry = fallback.get("entry")
-        if entry is None or entry[0] is not loop:
-            entry = fallback["entry"] = (loop, asyncio.Lock())
-    return entry[1]
+        ref = weakref.ref(store, lambda _, key=key: _store_locks.pop(key, None))  # type: ignore[misc]
+    except TypeError:  # a store that cannot be weakly referenced: one lock per OAuth2
+        kept = fallback.get("entry")
+        if kept is None or kept[0] is not loop:
+            kept = fallback["entry"] = (loop, asyncio.Lock())
+        lock: asyncio.Lock = kept[1]
+        return lock
+    lock = asyncio.Lock()
+    _store_locks[key] = (ref, loop, lock)
+    return lock
 
 
 def _refresh_lock(store: object, fallback: dict[str, Any]) -> AbstractAsyncContextManager[Any]:

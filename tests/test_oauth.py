@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -379,8 +380,25 @@ async def test_cancelled_waiter_does_not_cancel_the_refresh(fake: FakeKommo) -> 
     assert api_bearers(fake) == [new.access_token]
 
 
-async def test_oauth2_instances_sharing_a_lockless_store_refresh_once(fake: FakeKommo) -> None:
-    store = MemoryTokenStore(expired(fake.oauth.issue_tokens()))
+@dataclasses.dataclass
+class DataclassStore:
+    """A user's own store: a dataclass, so unhashable, with no refresh_lock()."""
+
+    tokens: TokenSet | None
+
+    async def load(self) -> TokenSet | None:
+        return self.tokens
+
+    async def save(self, tokens: TokenSet) -> None:
+        self.tokens = tokens
+
+
+@pytest.mark.parametrize("kind", ["MemoryTokenStore", "unhashable dataclass"])
+async def test_oauth2_instances_sharing_a_lockless_store_refresh_once(
+    fake: FakeKommo, kind: str
+) -> None:
+    stale = expired(fake.oauth.issue_tokens())
+    store = MemoryTokenStore(stale) if kind == "MemoryTokenStore" else DataclassStore(stale)
     first, second = oauth_for(fake, store), oauth_for(fake, store)
     async with client_for(fake, first) as one, client_for(fake, second) as two:
         await asyncio.gather(*(c.get_talk(i) for i in range(1, 11) for c in (one, two)))
