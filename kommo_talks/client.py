@@ -220,8 +220,15 @@ class KommoClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the session the client owns (a borrowed one stays open). Idempotent."""
+        """Close the session the client owns (a borrowed one stays open). Idempotent.
+
+        A token refresh already sent is waited for (and its new pair saved)
+        first: Kommo may have rotated the tokens, and the pair must not be lost.
+        """
         self._closed = True
+        settle = getattr(self._auth, "_settle", None)  # OAuth2's refresh in flight
+        if settle is not None:
+            await settle()
         session, self._session = self._session, None
         if session is not None and self._owns_session and not session.closed:
             await session.close()

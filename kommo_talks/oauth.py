@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from .errors import TokenRefreshError
+from .errors import ClientClosedError, TokenRefreshError
 from .tokens import TokenSet
 
 if TYPE_CHECKING:
@@ -276,6 +276,7 @@ class OAuth2:
         self._exchanged: str | None = None  # the refresh token `_kept` came from
         self._rejected: str | None = None  # an access token Kommo answered 401 to
         self._flight: asyncio.Future[None] | None = None
+        self._flight_endpoint: TokenEndpoint | None = None  # the client the refresh runs on
         self._fallback_lock: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -403,11 +404,36 @@ class OAuth2:
         """Join the running refresh, or start one; wait for its outcome."""
         flight = self._flight
         if flight is None or flight.done():
-            flight = self._flight = asyncio.ensure_future(self._fly(endpoint))
-            flight.add_done_callback(_retrieve)
-        # Shielded: a cancelled waiter does not cancel a refresh that others
-        # wait for, nor lose a rotated pair between request and save.
-        await asyncio.shield(flight)
+            flight = self._start_flight(endpoint)
+        try:
+            # Shielded: a cancelled waiter does not cancel a refresh that others
+            # wait for, nor lose a rotated pair between request and save.
+            await asyncio.shield(flight)
+        except ClientClosedError:
+            # The refresh ran on another client, closed before it sent anything
+            # (a client waits for a refresh on the wire before it closes): this
+            # caller's own client, if open, tries once more.
+            if self._flight_endpoint is endpoint or getattr(endpoint, "closed", False):
+                raise
+            if self._flight is flight:
+                self._start_flight(endpoint)
+            await asyncio.shield(self._flight)  # type: ignore[arg-type]
+
+    def _start_flight(self, endpoint: TokenEndpoint) -> asyncio.Future[None]:
+        flight = self._flight = asyncio.ensure_future(self._fly(endpoint))
+        self._flight_endpoint = endpoint
+        flight.add_done_callback(_retrieve)
+        return flight
+
+    async def _settle(self) -> None:
+        """Wait until a refresh in flight has ended (and saved its pair), whatever its outcome.
+
+        :meth:`KommoClient.close` calls it, so that closing a client never cuts
+        a refresh between Kommo's rotation and the save.
+        """
+        flight = self._flight
+        if flight is not None and not flight.done():
+            await asyncio.wait([flight])
 
     async def _fly(self, endpoint: TokenEndpoint) -> None:
         store = self.store

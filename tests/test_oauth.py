@@ -21,8 +21,10 @@ from typing import Any
 
 import attrs
 import pytest
+from aiohttp import web
 
 from kommo_talks import (
+    ClientClosedError,
     FileTokenStore,
     KommoClient,
     MemoryTokenStore,
@@ -868,3 +870,68 @@ async def test_a_401_answered_during_a_long_pause_sends_no_refresh(fake: FakeKom
     assert isinstance(closing, RateLimitError)  # not a refresh of a token that was fine
     assert closing.request_url == f"{fake.url}/api/v4/talks/2/close"
     assert fake.stats.by_route.get("token", 0) == 0
+
+
+async def test_closing_a_client_mid_refresh_keeps_the_rotated_pair() -> None:
+    # Strict rotation: the old refresh token dies the moment Kommo rotates it; and
+    # the answer with the new pair is slow to come back.
+    fake = FakeKommo(strict_rotation=True)
+    rotated = asyncio.Event()
+    answer = fake.oauth.handle
+
+    async def rotate_then_answer_late(request: web.Request) -> web.StreamResponse:
+        response = await answer(request)
+        rotated.set()
+        await asyncio.sleep(0.2)  # the server's latency
+        return response
+
+    fake.oauth.handle = rotate_then_answer_late  # type: ignore[method-assign]
+    async with fake:
+        store = MemoryTokenStore(expired(fake.oauth.issue_tokens()))
+        client = KommoClient(fake.url, auth=oauth_for(fake, store), retry=FAST, rate_limit=None)
+        call = asyncio.create_task(client.get_talk(1))
+        await rotated.wait()  # Kommo has rotated; its answer is on its way
+        call.cancel()
+        await client.close()
+
+        saved = await store.load()
+        assert saved is not None
+        assert saved.refresh_token == fake.oauth.issued[-1].refresh_token  # not lost
+        async with client_for(fake, oauth_for(fake, store)) as again:
+            await again.get_talk(2)  # works: no "Token has been revoked"
+    assert call.cancelled()
+
+
+class HeldLimiter:
+    """A RateLimiter that holds every caller until released."""
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def acquire(self) -> None:
+        self.waiting.set()
+        await self.release.wait()
+
+
+async def test_a_refresh_cut_short_by_closing_its_client_is_flown_again_by_another(
+    fake: FakeKommo,
+) -> None:
+    store = MemoryTokenStore(expired(fake.oauth.issue_tokens()))
+    auth = oauth_for(fake, store)  # one OAuth2 shared by two clients
+    held = HeldLimiter()
+    first = KommoClient(fake.url, auth=auth, retry=FAST, rate_limit=held)
+    async with client_for(fake, auth) as second:
+        stuck = asyncio.create_task(first.get_talk(1))  # its refresh waits in its limiter
+        await held.waiting.wait()
+        joined = asyncio.create_task(second.get_talk(2))  # joins that refresh
+        closing = asyncio.create_task(first.close())
+        held.release.set()
+        await closing
+
+        talk = await joined
+
+    assert talk.talk_id == 2
+    with pytest.raises(ClientClosedError):
+        await stuck
+    assert fake.oauth.refreshes == 1  # the closed client's refresh never went out
