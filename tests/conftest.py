@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio
@@ -68,3 +69,13 @@ async def r(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll ``predicate`` with tiny pauses until it holds (fails after ``limit`` seconds).
+
+    For conditions on the fake's counters, which offer no event to wait on.
+    """
+    async with asyncio.timeout(limit):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.001)

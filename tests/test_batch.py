@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import attrs
 import pytest
-from conftest import FAST_RETRY, FakeClock
+from conftest import FAST_RETRY, FakeClock, wait_until
 
 from kommo_talks import (
     CloseOutcome,
@@ -33,16 +33,6 @@ from kommo_talks.batch import close_run
 from kommo_talks.testing import FakeKommo, Fault
 
 WORKER_PREFIX = "kommo-talks batch worker"
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    """Poll ``predicate`` with tiny pauses until it holds (fails after ``limit`` seconds).
-
-    For conditions on the fake's counters, which offer no event to wait on.
-    """
-    async with asyncio.timeout(limit):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
 
 
 def workers() -> list[asyncio.Task[object]]:
