@@ -73,7 +73,9 @@ class SlidingWindowRateLimiter:
 
     Waiters are served strictly in arrival order (an :class:`asyncio.Lock`
     is FIFO), so no task starves under load. A waiter that is cancelled
-    takes no slot.
+    takes no slot. One limiter may serve one event loop after another (a
+    module-level limiter used by two ``asyncio.run`` calls); it cannot be
+    used by two loops at once.
     """
 
     def __init__(
@@ -94,12 +96,17 @@ class SlidingWindowRateLimiter:
         self._sleep = sleep
         self._sent: collections.deque[float] = collections.deque(maxlen=self._size)
         self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop _lock belongs to
 
     def __repr__(self) -> str:
         return f"SlidingWindowRateLimiter(rate={self.rate:g})"
 
     async def acquire(self) -> None:
         """Wait for a free slot in the window, then take it."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # An asyncio.Lock binds to the loop it first waits in: a new loop, a new lock.
+            self._loop, self._lock = loop, asyncio.Lock()
         async with self._lock:
             sent = self._sent
             if len(sent) == self._size:

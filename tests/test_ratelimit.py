@@ -15,7 +15,7 @@ import pytest
 
 from kommo_talks import KommoClient, LongLivedToken, RateLimiter, RetryPolicy
 from kommo_talks.ratelimit import DEFAULT_MARGIN, SlidingWindowRateLimiter, window_for_rate
-from kommo_talks.testing import FakeKommo, Fault
+from kommo_talks.testing import FakeKommo, Fault, busiest_window
 
 if TYPE_CHECKING:
     from conftest import FakeClock
@@ -357,3 +357,27 @@ async def test_custom_limiter_replaces_the_default_one(
 def test_client_rejects_a_bad_rate_limit(rate_limit: Any) -> None:
     with pytest.raises((ValueError, TypeError)):
         KommoClient("https://example.kommo.com", LongLivedToken("t"), rate_limit=rate_limit)
+
+
+def test_one_limiter_serves_one_event_loop_after_another() -> None:
+    now = [0.0]
+    sent: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(0)  # let the other waiters queue on the limiter's lock
+        now[0] += seconds
+
+    limiter = SlidingWindowRateLimiter(2, margin=0.0, clock=lambda: now[0], sleep=sleep)
+
+    async def send() -> None:
+        await limiter.acquire()
+        sent.append(now[0])
+
+    async def four_at_once() -> None:
+        await asyncio.gather(*(send() for _ in range(4)))
+
+    asyncio.run(four_at_once())  # the fourth waits on the lock while the third sleeps
+    asyncio.run(four_at_once())  # a new loop: no "bound to a different event loop"
+
+    assert len(sent) == 8
+    assert busiest_window(sent, 1.0) == 2  # the window holds across both runs
