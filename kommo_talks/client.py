@@ -657,7 +657,10 @@ def _token_error(
         message += f" {title})" if title else ")"
         if hint:
             message += f": {hint}"
-        message += "; the integration needs to be authorized again"
+        if title and "client" in title.lower():  # "Invalid client": wrong ID, secret or URI
+            message += "; check the integration's client ID, client secret and redirect URI"
+        else:
+            message += "; the integration needs to be authorized again"
     else:
         message = f"the token endpoint answered {status} after {attempts} attempt(s)"
         detail = problem.get("detail") if problem else text

@@ -241,10 +241,29 @@ async def test_a_bad_argument_is_named_and_nothing_is_closed(fake: FakeKommo) ->
 
 
 async def test_close_without_ids_is_a_usage_error(fake: FakeKommo) -> None:
-    result = await kommo_talks("close", "--from", "-", env=cli_env(fake), stdin=b"# nothing\n")
+    result = await kommo_talks("close", env=cli_env(fake))
 
     assert result.code == 2
     assert_one_line_error(result, "no talk IDs")
+
+
+async def test_close_of_an_input_without_ids_has_nothing_to_do(fake: FakeKommo) -> None:
+    # `list --filter ... | close --from -` when nothing matched: not an error.
+    result = await kommo_talks("close", "--from", "-", env=cli_env(fake), stdin=b"# nothing\n")
+
+    assert result.code == 0
+    assert "nothing to close" in result.err
+    assert fake.stats.requests == 0
+
+
+async def test_close_reads_a_file_that_starts_with_a_bom(fake: FakeKommo, tmp_path: Path) -> None:
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes("\ufeff5\r\n6\r\n".encode())  # as Excel or Notepad save it
+
+    result = await kommo_talks("close", "--from", str(ids), "--force", env=cli_env(fake))
+
+    assert result.code == 0, result.err
+    assert fake.closed_talks() == [5, 6]
 
 
 async def test_close_json_reports_every_talk_and_exits_1_on_a_failure(fake: FakeKommo) -> None:
@@ -343,7 +362,7 @@ async def test_list_piped_into_close_closes_every_talk() -> None:
         f"{sys.executable} -m kommo_talks.cli list | "
         f"{sys.executable} -m kommo_talks.cli close --from - --force --json"
     )
-    async with FakeKommo(talks=range(1, 13)) as fake:  # 7 requests/s: keep it short
+    async with FakeKommo(talks=range(1, 13), rate_limit=7) as fake:  # keep it short
         process = await asyncio.create_subprocess_shell(
             command,
             stdout=asyncio.subprocess.PIPE,
@@ -356,6 +375,7 @@ async def test_list_piped_into_close_closes_every_talk() -> None:
     assert process.returncode == 0, err.decode()
     assert fake.closed_talks() == list(range(1, 13))
     assert len(out.decode().splitlines()) == 12
+    assert fake.stats.throttled == 0  # the two processes kept the account's limit together
     # `close` read its whole input before sending: every list request came first.
     routes = [r.route for r in fake.requests]
     assert routes.index("close") > max(i for i, r in enumerate(routes) if r == "list")
@@ -422,7 +442,28 @@ async def test_a_missing_token_file_is_a_usage_error(fake: FakeKommo, tmp_path: 
     assert_one_line_error(result, "no such file", "kommo-talks auth")
 
 
-# -- demo, help, the missing extra ----------------------------------------------------------------
+async def test_a_corrupt_token_file_is_a_usage_error_naming_the_fix(
+    fake: FakeKommo, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "tokens.json"
+    corrupt.write_text("{garbage")
+    env = cli_env(
+        fake,
+        KOMMO_TOKEN=None,
+        KOMMO_CLIENT_ID=fake.oauth.client_id,
+        KOMMO_CLIENT_SECRET=fake.oauth.client_secret,
+        KOMMO_REDIRECT_URI=fake.oauth.redirect_uri,
+    )
+
+    result = await kommo_talks("get", "1", "--token-file", str(corrupt), env=env)
+
+    assert result.code == 2
+    assert_one_line_error(result, "corrupt", "kommo-talks auth CODE --token-file")
+    assert corrupt.read_text() == "{garbage"  # never overwritten
+    assert fake.stats.requests == 0
+
+
+# -- demo, help ---------------------------------------------------------------------------------
 
 
 async def test_demo_runs_end_to_end_and_exits_0() -> None:

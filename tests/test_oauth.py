@@ -542,6 +542,7 @@ async def test_bad_client_secret_is_refused(fake: FakeKommo) -> None:
             await client.get_talk(1)
     assert caught.value.status == 401
     assert "Invalid client" in str(caught.value)
+    assert "check the integration's client ID, client secret" in str(caught.value)
     assert fake.stats.by_route["token"] == 1
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,11 +25,13 @@ from ..errors import (
     ForbiddenError,
     KommoError,
     NotFoundError,
+    TokenStoreError,
     TransportError,
     UnauthorizedError,
 )
 from ..models import CloseOutcome
-from ._input import InputError, collect_ids, parse_talk_id
+from ..ratelimit import DEFAULT_MARGIN
+from ._input import InputError, collect_ids, parse_talk_id, source_name
 from ._output import BatchReport, ProgressReporter, one_line, render_summary, talk_table
 
 __all__ = ["cli"]
@@ -75,6 +79,11 @@ def cli_error(doing: str, exc: KommoError) -> CLIError:
         )
     if isinstance(exc, ForbiddenError) and exc.is_block:
         return CLIError(f"{doing}: Kommo blocks this IP or account ({exc})")
+    if isinstance(exc, TokenStoreError):  # a credential the user must mend
+        return CLIError(
+            f"{doing}: {exc}; `kommo-talks auth CODE --token-file PATH` writes a new one",
+            EXIT_USAGE,
+        )
     return CLIError(f"{doing}: {exc}")
 
 
@@ -261,17 +270,49 @@ def close(
     except InputError as exc:
         _fail(f"{exc}; nothing was closed", EXIT_USAGE)
     if not talk_ids:
-        _fail("no talk IDs given (pass IDs or --from FILE|-)", EXIT_USAGE)
+        if source is None:
+            _fail("no talk IDs given (pass IDs or --from FILE|-)", EXIT_USAGE)
+        # `list ... | close --from -` with nothing listed: nothing to do, not an error.
+        click.echo(f"no talk IDs in {source_name(source)}: nothing to close", err=True)
+        sys.exit(EXIT_OK)
+    # After a pipe from `kommo-talks list`, whose last requests count in the same
+    # rate window as this one's first (both use the account's limit): wait it out.
+    pause = PIPE_PAUSE if source is not None and _is_pipe(source) else 0.0
     run(
         _close(
-            talk_ids, force=force, concurrency=concurrency, as_json=as_json, token_file=token_file
+            talk_ids,
+            force=force,
+            concurrency=concurrency,
+            as_json=as_json,
+            token_file=token_file,
+            pause=pause,
         )
     )
 
 
+PIPE_PAUSE = 1.0 + DEFAULT_MARGIN
+"""Seconds ``close`` waits before its first request when its input is a pipe."""
+
+
+def _is_pipe(source: IO[str]) -> bool:
+    try:
+        mode = os.fstat(source.fileno()).st_mode
+        return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
 async def _close(
-    talk_ids: list[int], *, force: bool, concurrency: int, as_json: bool, token_file: str | None
+    talk_ids: list[int],
+    *,
+    force: bool,
+    concurrency: int,
+    as_json: bool,
+    token_file: str | None,
+    pause: float = 0.0,
 ) -> int:
+    if pause:
+        await asyncio.sleep(pause)
     out = Console(stderr=as_json, highlight=False)
     err = Console(stderr=True, highlight=False)
     first = talk_ids[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import IO
 
-__all__ = ["MAX_TALK_ID", "InputError", "collect_ids", "parse_talk_id", "read_ids"]
+__all__ = ["MAX_TALK_ID", "InputError", "collect_ids", "parse_talk_id", "read_ids", "source_name"]
 
 MAX_TALK_ID = 2**63 - 1
 """The largest ID accepted (Kommo's IDs are 64-bit integers)."""
@@ -39,10 +39,17 @@ def read_ids(lines: Iterable[str], source: str) -> list[int]:
     ids: list[int] = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()
+        if number == 1:
+            text = text.removeprefix("\ufeff").strip()  # the BOM of a file saved by Excel
         if not text or text.startswith("#"):
             continue
         ids.append(parse_talk_id(text, f"{source}, line {number}"))
     return ids
+
+
+def source_name(stream: IO[str]) -> str:
+    """How messages name an input: ``stdin``, or the file's name."""
+    return "stdin" if stream.name in ("<stdin>", "-") else str(stream.name)
 
 
 def collect_ids(arguments: Sequence[str], stream: IO[str] | None) -> list[int]:
@@ -58,7 +65,7 @@ def collect_ids(arguments: Sequence[str], stream: IO[str] | None) -> list[int]:
     """
     ids = [parse_talk_id(text, f"argument {n}") for n, text in enumerate(arguments, start=1)]
     if stream is not None:
-        source = "stdin" if stream.name in ("<stdin>", "-") else str(stream.name)
+        source = source_name(stream)
         try:
             ids.extend(read_ids(stream, source))
         except UnicodeDecodeError:

@@ -251,7 +251,7 @@ class BatchReport:
 
 def _id_list(ids: Sequence[int], limit: int = 12) -> str:
     shown = ", ".join(str(i) for i in ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+    return shown + (f" and {len(ids) - limit} more (--json lists all)" if len(ids) > limit else "")
 
 
 def render_summary(console: Console, report: BatchReport) -> None:
