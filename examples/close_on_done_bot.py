@@ -151,7 +151,13 @@ def main() -> None:
         settings.port,
         WEBHOOK_PATH,
     )
-    web.run_app(app, port=settings.port, print=None)
+    # aiohttp's default access log line holds the request line, and with it the
+    # URL's secret: log the client, time, status, size and duration only.
+    web.run_app(app, port=settings.port, print=None, access_log_format=ACCESS_LOG_FORMAT)
+
+
+ACCESS_LOG_FORMAT = "%a %t %s %b %Tf"
+"""aiohttp's access log without ``%r`` (the request line: it holds ``?secret=``)."""
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ from aiohttp import web
 async def serving(app: web.Application, **runner_options: Any) -> AsyncIterator[str]:
     """Run ``app`` on 127.0.0.1 at a free port; yield its base URL; clean it up after.
 
-    ``runner_options`` go to ``web.AppRunner`` (e.g. ``shutdown_timeout``).
+    ``runner_options`` go to ``web.AppRunner`` (e.g. ``shutdown_timeout``;
+    ``access_log`` is off unless given).
     """
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options)
+    options: dict[str, Any] = {"access_log": None, "handle_signals": False, **runner_options}
+    runner = web.AppRunner(app, **options)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

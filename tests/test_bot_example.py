@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 import pytest
+from aiohttp import web
 from conftest import FAST_RETRY
 from loopback import serving
 
@@ -81,7 +82,7 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def run_bot(
-    fake: FakeKommo, *, secret: str | None = SECRET, **options: Any
+    fake: FakeKommo, *, secret: str | None = SECRET, access_log: bool = False, **options: Any
 ) -> AsyncIterator[Running]:
     seen = Seen()
     clients: list[KommoClient] = []
@@ -94,7 +95,8 @@ async def run_bot(
         return client
 
     app = bot.make_app(client_factory, secret=secret, on_event=seen, **options)
-    async with serving(app) as base:
+    logs = {"access_log": web.access_logger, "access_log_format": bot.ACCESS_LOG_FORMAT}
+    async with serving(app, **(logs if access_log else {})) as base:
         yield Running(fake, f"{base}{bot.WEBHOOK_PATH}", seen, clients)
     assert all(client.closed for client in clients)
 
@@ -184,6 +186,20 @@ async def test_shutdown_finishes_the_close_before_the_client_is_closed(fake: Fak
     # run_bot's cleanup drained the receiver before closing the client.
     assert not fake.is_open(9)
     assert fake.webhook_deliveries[0].status == 200
+
+
+async def test_the_access_log_does_not_show_the_secret(
+    fake: FakeKommo, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    async with run_bot(fake, access_log=True) as running:
+        fake.add_webhook(f"{running.url}?secret={SECRET}")
+        await fake.emit_message(3, "#done", direction="outgoing")
+        await fake.webhooks_idle()
+
+    access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert access  # deliveries are logged ...
+    assert all(SECRET not in line for line in access)  # ... without the URL's secret
 
 
 def test_settings_come_from_the_environment() -> None:
