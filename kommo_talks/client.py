@@ -195,6 +195,8 @@ class KommoClient:
         self._session = session
         self._owns_session = session is None
         self._closed = False
+        # With a rate limit: one permit per pooled connection (see _connection_slots).
+        self._slots = None if session is None else _connection_slots(session, self._limiter)
         self._talks_url = f"{self.base_url}/api/v4/talks/"
         self._token_url = f"{self.base_url}{_TOKEN_PATH}"
         self._headers_token: str | None = None
@@ -248,6 +250,7 @@ class KommoClient:
                 timeout=self._timeout,
                 auto_decompress=True,
             )
+            self._slots = _connection_slots(session, self._limiter)
         elif session.closed:
             raise ClientClosedError("the aiohttp session lent to this KommoClient is closed")
         return session
@@ -422,44 +425,54 @@ class KommoClient:
             # A long-lived token needs no await, and with no limiter and no pause
             # there is nothing to wait for: the common path skips two coroutines.
             token = static_token or await auth.access_token(self)
-            if self._limiter is not None or self._pause.remaining() > 0:
-                await self._pass_gates(method, url)
-            if gate is not None:
-                gate(True)
-            # Taken after every wait: a client closed meanwhile sends nothing.
-            session = self._session_or_raise()
-            started = self._clock()
+            failure: Exception | None = None
+            slots = self._slots
+            if slots is not None:
+                await slots.acquire()
             try:
-                async with session.request(
-                    method,
-                    url,
-                    params=params,
-                    data=body,
-                    headers=self._headers_for(token, post=body is not None),
-                    allow_redirects=False,
-                    raise_for_status=False,
-                    timeout=self._timeout,
-                ) as raw:
-                    response = Response(raw.status, raw.headers, await raw.read(), method, url)
-            except Exception as exc:
+                if self._limiter is not None or self._pause.remaining() > 0:
+                    await self._pass_gates(method, url)
+                if gate is not None:
+                    gate(True)
+                # Taken after every wait: a client closed meanwhile sends nothing.
+                session = self._session_or_raise()
+                started = self._clock()
+                try:
+                    async with session.request(
+                        method,
+                        url,
+                        params=params,
+                        data=body,
+                        headers=self._headers_for(token, post=body is not None),
+                        allow_redirects=False,
+                        raise_for_status=False,
+                        timeout=self._timeout,
+                    ) as raw:
+                        response = Response(raw.status, raw.headers, await raw.read(), method, url)
+                except Exception as exc:
+                    failure = exc  # handled below, once the connection slot is free
+            finally:
+                if slots is not None:
+                    slots.release()
+            if failure is not None:
                 if self._closed:  # closed while this request was in flight
                     raise ClientClosedError(
                         f"{method} {url}: the KommoClient was closed during the request"
-                    ) from exc
+                    ) from failure
                 # A connection failure that retrying cannot heal (TLS verification)
                 # still ends as a TransportError, at once; anything else is a bug.
-                retryable = is_retryable_exception(exc)
-                if not retryable and not isinstance(exc, aiohttp.ClientError):
-                    raise
-                self._log(method, url, type(exc).__name__, started, attempt)
+                retryable = is_retryable_exception(failure)
+                if not retryable and not isinstance(failure, aiohttp.ClientError):
+                    raise failure
+                self._log(method, url, type(failure).__name__, started, attempt)
                 # A failed connect sent nothing; anything later may have landed.
-                ambiguous = ambiguous or not isinstance(exc, aiohttp.ClientConnectorError)
+                ambiguous = ambiguous or not isinstance(failure, aiohttp.ClientConnectorError)
                 if not retryable or attempt >= policy.max_attempts:
                     raise TransportError(
-                        f"{method} {url} failed after {attempt} attempt(s): {_describe(exc)}",
+                        f"{method} {url} failed after {attempt} attempt(s): {_describe(failure)}",
                         request_method=method,
                         request_url=url,
-                    ) from exc
+                    ) from failure
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
                 continue
 
@@ -587,33 +600,43 @@ class KommoClient:
         attempt = 0
         while True:
             attempt += 1
-            await self._pass_gates(method, url)
-            session = self._session_or_raise()
-            started = self._clock()
+            failure: Exception | None = None
+            slots = self._slots
+            if slots is not None:
+                await slots.acquire()
             try:
-                async with session.post(
-                    url,
-                    data=data,
-                    headers=headers,
-                    allow_redirects=False,
-                    raise_for_status=False,
-                    timeout=self._timeout,
-                ) as raw:
-                    response = Response(raw.status, raw.headers, await raw.read(), method, url)
-            except Exception as exc:
+                await self._pass_gates(method, url)
+                session = self._session_or_raise()
+                started = self._clock()
+                try:
+                    async with session.post(
+                        url,
+                        data=data,
+                        headers=headers,
+                        allow_redirects=False,
+                        raise_for_status=False,
+                        timeout=self._timeout,
+                    ) as raw:
+                        response = Response(raw.status, raw.headers, await raw.read(), method, url)
+                except Exception as exc:
+                    failure = exc  # handled below, once the connection slot is free
+            finally:
+                if slots is not None:
+                    slots.release()
+            if failure is not None:
                 if self._closed:
                     raise ClientClosedError(
                         "the KommoClient was closed during a token request"
-                    ) from exc
-                retryable = is_retryable_exception(exc)
-                if not retryable and not isinstance(exc, aiohttp.ClientError):
-                    raise
-                self._log(method, url, type(exc).__name__, started, attempt)
+                    ) from failure
+                retryable = is_retryable_exception(failure)
+                if not retryable and not isinstance(failure, aiohttp.ClientError):
+                    raise failure
+                self._log(method, url, type(failure).__name__, started, attempt)
                 if not retryable or attempt >= policy.max_attempts:
                     raise TokenRefreshError(
                         f"the token endpoint could not be reached after {attempt} attempt(s): "
-                        f"{_describe(exc)}"
-                    ) from exc
+                        f"{_describe(failure)}"
+                    ) from failure
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
                 continue
             status = response.status
@@ -640,6 +663,28 @@ class KommoClient:
                         await self._sleep(backoff_delay(policy, attempt, self._rng))
                     continue
             raise _token_error(status, problem, text, attempt)
+
+
+def _connection_slots(
+    session: aiohttp.ClientSession, limiter: RateLimiter | None
+) -> asyncio.Semaphore | None:
+    """One permit per connection the session's pool allows, when a rate limit applies.
+
+    A request takes a permit before its rate-limit slot and gives it back once
+    answered. Requests that would wait for a free connection wait here instead,
+    so the limiter's slots stay the send times: requests queued in the pool
+    would otherwise go out together, over the limit. ``None`` without a limiter
+    or without a pool limit.
+    """
+    if limiter is None:
+        return None
+    connector = session.connector
+    limits = [
+        limit
+        for limit in (getattr(connector, "limit", 0), getattr(connector, "limit_per_host", 0))
+        if isinstance(limit, int) and limit > 0
+    ]
+    return asyncio.Semaphore(min(limits)) if limits else None
 
 
 def _secrets_of(payload: Mapping[str, str]) -> list[str]:

@@ -381,3 +381,17 @@ def test_one_limiter_serves_one_event_loop_after_another() -> None:
 
     assert len(sent) == 8
     assert busiest_window(sent, 1.0) == 2  # the window holds across both runs
+
+
+async def test_requests_queued_for_a_small_pool_still_keep_the_limit() -> None:
+    # One pooled connection and a slow first answer: the other requests must not
+    # take rate-limit slots while they wait for the connection, then go out together.
+    async with FakeKommo(rate_limit=5, rate_window=0.95) as fake:
+        fake.script("close", Fault.slow(0.6))
+        async with KommoClient(
+            fake.url, LongLivedToken(fake.token), rate_limit=5, max_connections=1
+        ) as client:
+            outcomes = await client.close_talks(range(1, 11), force=True, concurrency=5)
+
+    assert [o.status.value for o in outcomes] == ["closed"] * 10
+    assert fake.stats.throttled == 0
