@@ -425,36 +425,10 @@ class KommoClient:
             # A long-lived token needs no await, and with no limiter and no pause
             # there is nothing to wait for: the common path skips two coroutines.
             token = static_token or await auth.access_token(self)
-            failure: Exception | None = None
-            slots = self._slots
-            if slots is not None:
-                await slots.acquire()
-            try:
-                if self._limiter is not None or self._pause.remaining() > 0:
-                    await self._pass_gates(method, url)
-                if gate is not None:
-                    gate(True)
-                # Taken after every wait: a client closed meanwhile sends nothing.
-                session = self._session_or_raise()
-                started = self._clock()
-                try:
-                    async with session.request(
-                        method,
-                        url,
-                        params=params,
-                        data=body,
-                        headers=self._headers_for(token, post=body is not None),
-                        allow_redirects=False,
-                        raise_for_status=False,
-                        timeout=self._timeout,
-                    ) as raw:
-                        response = Response(raw.status, raw.headers, await raw.read(), method, url)
-                except Exception as exc:
-                    failure = exc  # handled below, once the connection slot is free
-            finally:
-                if slots is not None:
-                    slots.release()
-            if failure is not None:
+            headers = self._headers_for(token, post=body is not None)
+            response, started = await self._exchange(method, url, body, headers, params, gate)
+            if not isinstance(response, Response):
+                failure = response
                 if self._closed:  # closed while this request was in flight
                     raise ClientClosedError(
                         f"{method} {url}: the KommoClient was closed during the request"
@@ -502,6 +476,52 @@ class KommoClient:
             if wait is None:
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
             # else: the client-wide pause makes the next pass of the gates wait.
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None = None,
+        gate: Callable[[bool], None] | None = None,
+    ) -> tuple[Response | Exception, float]:
+        """One attempt on the wire: pass the gates, then send, holding a connection permit.
+
+        Returns the answer, or the exception of a request that failed (the
+        caller decides on a retry once the permit is free), and the clock
+        reading at the send. What the gates raise (a long pause, a closed
+        client, a stopped batch) propagates.
+        """
+        slots = self._slots
+        if slots is not None:
+            await slots.acquire()
+        try:
+            if self._limiter is not None or self._pause.remaining() > 0:
+                await self._pass_gates(method, url)
+            if gate is not None:
+                gate(True)
+            # Taken after every wait: a client closed meanwhile sends nothing.
+            session = self._session_or_raise()
+            started = self._clock()
+            try:
+                async with session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    raise_for_status=False,
+                    timeout=self._timeout,
+                ) as raw:
+                    answer = Response(raw.status, raw.headers, await raw.read(), method, url)
+            except Exception as exc:
+                return exc, started
+            return answer, started
+        finally:
+            if slots is not None:
+                slots.release()
 
     async def _pass_gates(self, method: str, url: str) -> None:
         """Wait out the client-wide server pause, then take a rate-limit slot.
@@ -600,30 +620,9 @@ class KommoClient:
         attempt = 0
         while True:
             attempt += 1
-            failure: Exception | None = None
-            slots = self._slots
-            if slots is not None:
-                await slots.acquire()
-            try:
-                await self._pass_gates(method, url)
-                session = self._session_or_raise()
-                started = self._clock()
-                try:
-                    async with session.post(
-                        url,
-                        data=data,
-                        headers=headers,
-                        allow_redirects=False,
-                        raise_for_status=False,
-                        timeout=self._timeout,
-                    ) as raw:
-                        response = Response(raw.status, raw.headers, await raw.read(), method, url)
-                except Exception as exc:
-                    failure = exc  # handled below, once the connection slot is free
-            finally:
-                if slots is not None:
-                    slots.release()
-            if failure is not None:
+            response, started = await self._exchange(method, url, data, headers)
+            if not isinstance(response, Response):
+                failure = response
                 if self._closed:
                     raise ClientClosedError(
                         "the KommoClient was closed during a token request"
