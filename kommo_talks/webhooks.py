@@ -391,9 +391,12 @@ def _group_text(text: str) -> _Groups:
     for pair in text.split("&"):
         key, _, value = pair.partition("=")
         spec = specs[key]
-        if not spec or not value:
+        if not spec:
             continue
         number, index, name, decoded_key = spec
+        if not value:  # absent; the event still exists, to be checked for its required fields
+            groups[number].setdefault(index, {})
+            continue
         if "%" in value or "+" in value:
             value = _unquote(value, decoded_key)
         section = groups[number]
@@ -419,10 +422,10 @@ def _group_items(items: Iterable[tuple[Any, Any]]) -> _Groups:
             raise DecodeError(
                 f"{key}: expected a string value, got {type(value).__name__}", path=key
             )
-        if not value:
-            continue
         number, index, name, _ = spec
-        groups[number].setdefault(index, {})[name] = value
+        event = groups[number].setdefault(index, {})
+        if value:  # an empty value counts as absent
+            event[name] = value
     return groups
 
 
@@ -516,8 +519,7 @@ class WebhookReceiver:
 
     The events of one delivery are handed to ``callback`` one after another,
     in the delivery's order; different deliveries run concurrently, each in
-    a worker task of the receiver's (idle workers are reused, which costs
-    less than a new task per delivery). Kommo
+    a task of its own (which runs in a copy of its request's context). Kommo
     puts related events in one delivery in a meaningful order (a talk added,
     then updated; a message, then the talk closed), and a bot that reacts to
     them concurrently could act on them out of order. A callback that needs
@@ -546,9 +548,7 @@ class WebhookReceiver:
         self._max_pending = max_pending
         self._secret = None if secret is None else secret.encode("utf-8", "surrogatepass")
         self._pending = 0
-        self._workers: set[asyncio.Task[None]] = set()
-        # Futures of idle workers, each waiting to be handed a delivery (None: exit).
-        self._idle: list[asyncio.Future[tuple[WebhookEvent, ...] | None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
 
     @property
@@ -575,7 +575,7 @@ class WebhookReceiver:
                 return web.Response(status=403, text="forbidden")
         if self._draining:
             return _shutting_down()
-        body = await _read_body(request)
+        body = await request.read()  # over client_max_size: aiohttp answers 413
         try:
             events = parse_webhook(body).events
         except DecodeError as exc:
@@ -586,27 +586,13 @@ class WebhookReceiver:
             if self._pending and self._pending + len(events) > self._max_pending:
                 return web.Response(status=503, text="too many pending events")
             self._pending += len(events)
-            # The worker first runs once the request's task yields: after
-            # aiohttp has written this answer (unless the socket's buffer is
-            # full, when the two interleave).
-            if self._idle:
-                self._idle.pop().set_result(events)
-            else:
-                worker = asyncio.create_task(self._work(events))
-                self._workers.add(worker)
-                worker.add_done_callback(self._workers.discard)
+            # The loop first runs this task once the request's task yields:
+            # after aiohttp has written this answer (unless the socket's
+            # buffer is full, when the two interleave).
+            task = asyncio.create_task(self._run(events))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return web.Response(status=200)
-
-    async def _work(self, events: tuple[WebhookEvent, ...] | None) -> None:
-        """Run the delivery given, then wait idle for the next one (or exit)."""
-        loop = asyncio.get_running_loop()
-        while events is not None:
-            await self._run(events)
-            if self._draining or len(self._idle) >= _MAX_IDLE_WORKERS:
-                return
-            waiter: asyncio.Future[tuple[WebhookEvent, ...] | None] = loop.create_future()
-            self._idle.append(waiter)
-            events = await waiter
 
     async def _run(self, events: tuple[WebhookEvent, ...]) -> None:
         left = len(events)
@@ -614,6 +600,12 @@ class WebhookReceiver:
             for event in events:
                 try:
                     await self._callback(event)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # this task is cancelled (the loop is closing)
+                    # The callback's own (it awaited something cancelled): as any error.
+                    logger.exception("webhook callback failed on %s", _describe(event))
                 except Exception:
                     logger.exception("webhook callback failed on %s", _describe(event))
                 self._pending -= 1
@@ -630,30 +622,8 @@ class WebhookReceiver:
         Idempotent; the receiver cannot be reopened.
         """
         self._draining = True
-        while self._idle:
-            self._idle.pop().set_result(None)
-        while self._workers:
-            await asyncio.wait(list(self._workers))
-
-
-_MAX_IDLE_WORKERS = 32
-"""Idle workers kept for later deliveries; more than that end when idle."""
-
-
-async def _read_body(request: web.Request) -> bytes:
-    """``await request.read()``, taken at once when the whole body has arrived.
-
-    A webhook's body nearly always comes in the same packet as its headers;
-    reading it without a coroutine saves a noticeable part of a delivery's
-    cost. The size limit is ``request.read()``'s.
-    """
-    content = request.content
-    if not content.is_eof():
-        return await request.read()
-    body = content.read_nowait()
-    if len(body) > request.client_max_size:
-        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=len(body))
-    return body
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
 
 
 def _shutting_down() -> web.Response:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -276,6 +278,57 @@ async def test_close_leaves_no_task_behind(http: aiohttp.ClientSession) -> None:
     assert receiver.pending == 0
 
 
+async def test_a_body_read_before_handle_is_still_delivered(http: aiohttp.ClientSession) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+
+    async def logging_route(request: web.Request) -> web.StreamResponse:
+        assert await request.read()  # the user's own handler looks at the body first
+        return await receiver.handle(request)
+
+    app = web.Application()
+    app.router.add_post(PATH, logging_route)
+    async with serve(app) as url:
+        assert await post(http, url, delivery(21)) == 200
+        await recorder.wait_finished(1)
+
+    assert talk_ids(recorder.finished) == [21]
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+async def test_each_delivery_runs_in_its_own_requests_context(
+    http: aiohttp.ClientSession,
+) -> None:
+    seen: list[tuple[int | None, str]] = []
+    done = asyncio.Event()
+
+    async def callback(event: WebhookEvent) -> None:
+        seen.append((event.talk_id, REQUEST_ID.get()))
+        REQUEST_ID.set("changed by a callback")  # must not reach later deliveries
+        if len(seen) == 3:
+            done.set()
+
+    @web.middleware
+    async def request_ids(request: web.Request, handler: Any) -> web.StreamResponse:
+        REQUEST_ID.set(request.headers["X-Request-Id"])
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    receiver = WebhookReceiver(callback)
+    app = web.Application(middlewares=[request_ids])
+    receiver.setup(app, PATH)
+    async with serve(app) as url:
+        for n in (1, 2, 3):
+            status = await post(http, url, delivery(n), headers={"X-Request-Id": f"req-{n}"})
+            assert status == 200
+        async with asyncio.timeout(HANG):
+            await done.wait()
+
+    assert sorted(seen) == [(1, "req-1"), (2, "req-2"), (3, "req-3")]
+
+
 async def test_body_arriving_in_pieces_is_read_whole(http: aiohttp.ClientSession) -> None:
     recorder = Recorder()
     receiver = WebhookReceiver(recorder)
@@ -399,6 +452,33 @@ async def test_oversized_delivery_is_accepted_when_nothing_is_pending(
 
 
 # ---------------------------------------------------------------- failures
+
+
+async def test_a_cancelled_error_from_the_callback_is_logged_and_others_go_on(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[int | None] = []
+    done = asyncio.Event()
+
+    async def callback(event: WebhookEvent) -> None:
+        seen.append(event.talk_id)
+        if event.talk_id == 1:
+            cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            cancelled.cancel()
+            await cancelled  # e.g. awaiting a task that someone else cancelled
+        if event.talk_id == 3:
+            done.set()
+
+    receiver = WebhookReceiver(callback)
+    caplog.set_level(logging.ERROR, logger="kommo_talks.webhooks")
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, delivery(1, 2, 3)) == 200
+        async with asyncio.timeout(HANG):
+            await done.wait()
+
+    assert seen == [1, 2, 3]
+    assert "talk 1" in caplog.text
+    assert receiver.pending == 0
 
 
 async def test_callback_failure_is_logged_with_traceback_and_others_go_on(
