@@ -304,3 +304,18 @@ async def test_deliveries_drive_a_webhook_receiver(fake: FakeKommo, client: Komm
         ("MessageEvent", None, 3),
         ("TalkEvent", "update", 3),
     ]
+
+
+async def test_webhooks_idle_returns_when_the_fake_closes_with_deliveries_queued(
+    hook: Hook,
+) -> None:
+    hook.hang = True  # the first delivery never gets its answer
+    fake = FakeKommo()
+    async with fake:
+        fake.add_webhook(hook.url)
+        await fake.emit_talk_updated(1)
+        await fake.emit_talk_updated(2)  # queued behind the hanging one
+        idle = asyncio.create_task(fake.webhooks_idle())
+    # Leaving `async with` closed the fake: what was queued is dropped.
+    async with asyncio.timeout(5):
+        await idle

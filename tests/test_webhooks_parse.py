@@ -477,3 +477,19 @@ def test_made_up_keys_cannot_grow_the_key_table_without_bound() -> None:
 
     assert long_key not in webhooks._WIRE_KEYS
     assert parse_webhook(CLOSE_BODY).events == (EXPECTED_CLOSE,)  # still right afterwards
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (
+            "talk[update][0][talk_id]=&talk[update][0][is_in_work]=&talk[update][0][is_read]=",
+            "talk[update][0][talk_id]",
+        ),
+        ("message[add][0][id]=&message[add][0][type]=&account[id]=1", "message[add][0][id]"),
+    ],
+)
+def test_an_event_of_empty_values_is_missing_its_required_fields(body: str, key: str) -> None:
+    assert decode_error(body).path == key
+    form = dict(pair.split("=") for pair in body.split("&"))
+    assert decode_error(form).path == key

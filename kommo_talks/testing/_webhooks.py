@@ -208,7 +208,10 @@ class FakeWebhooks:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-        self._queue = asyncio.Queue()
+        queue, self._queue = self._queue, asyncio.Queue()
+        while not queue.empty():  # dropped: an idle() waiting on them returns
+            queue.get_nowait()
+            queue.task_done()
 
     async def _deliver_all(self) -> None:
         queue = self._queue
