@@ -229,11 +229,13 @@ class KommoClient:
         """
         self._closed = True
         settle = getattr(self._auth, "_settle", None)  # OAuth2's refresh in flight
-        if settle is not None:
-            await settle()
-        session, self._session = self._session, None
-        if session is not None and self._owns_session and not session.closed:
-            await session.close()
+        try:
+            if settle is not None:
+                await settle()
+        finally:  # even if cancelled while waiting: never leave the session open
+            session, self._session = self._session, None
+            if session is not None and self._owns_session and not session.closed:
+                await session.close()
 
     @property
     def closed(self) -> bool:

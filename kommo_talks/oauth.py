@@ -402,22 +402,22 @@ class OAuth2:
 
     async def _single_flight(self, endpoint: TokenEndpoint) -> None:
         """Join the running refresh, or start one; wait for its outcome."""
-        flight = self._flight
-        if flight is None or flight.done():
-            flight = self._start_flight(endpoint)
-        try:
-            # Shielded: a cancelled waiter does not cancel a refresh that others
-            # wait for, nor lose a rotated pair between request and save.
-            await asyncio.shield(flight)
-        except ClientClosedError:
-            # The refresh ran on another client, closed before it sent anything
-            # (a client waits for a refresh on the wire before it closes): this
-            # caller's own client, if open, tries once more.
-            if self._flight_endpoint is endpoint or getattr(endpoint, "closed", False):
-                raise
-            if self._flight is flight:
-                self._start_flight(endpoint)
-            await asyncio.shield(self._flight)  # type: ignore[arg-type]
+        while True:
+            flight = self._flight
+            if flight is None or flight.done():
+                flight = self._start_flight(endpoint)
+            flown_by = self._flight_endpoint
+            try:
+                # Shielded: a cancelled waiter does not cancel a refresh that others
+                # wait for, nor lose a rotated pair between request and save.
+                await asyncio.shield(flight)
+                return
+            except ClientClosedError:
+                # That refresh ran on another client, closed before it sent
+                # anything (a client waits for a refresh on the wire before it
+                # closes): this caller's own client, if open, flies (or joins) anew.
+                if flown_by is endpoint or getattr(endpoint, "closed", False):
+                    raise
 
     def _start_flight(self, endpoint: TokenEndpoint) -> asyncio.Future[None]:
         flight = self._flight = asyncio.ensure_future(self._fly(endpoint))

@@ -925,14 +925,36 @@ async def test_a_refresh_cut_short_by_closing_its_client_is_flown_again_by_anoth
     async with client_for(fake, auth) as second:
         stuck = asyncio.create_task(first.get_talk(1))  # its refresh waits in its limiter
         await held.waiting.wait()
-        joined = asyncio.create_task(second.get_talk(2))  # joins that refresh
+        joined = asyncio.gather(second.get_talk(2), second.get_talk(3))  # join that refresh
         closing = asyncio.create_task(first.close())
         held.release.set()
         await closing
 
-        talk = await joined
+        talks = await joined
 
-    assert talk.talk_id == 2
+    assert [talk.talk_id for talk in talks] == [2, 3]
     with pytest.raises(ClientClosedError):
         await stuck
     assert fake.oauth.refreshes == 1  # the closed client's refresh never went out
+
+
+async def test_a_close_cancelled_while_it_waits_for_a_refresh_still_closes_the_session(
+    fake: FakeKommo,
+) -> None:
+    store = MemoryTokenStore(expired(fake.oauth.issue_tokens()))
+    held = HeldLimiter()
+    client = KommoClient(fake.url, auth=oauth_for(fake, store), retry=FAST, rate_limit=held)
+    call = asyncio.create_task(client.get_talk(1))  # its refresh waits in the limiter
+    await held.waiting.wait()
+    session = client._session
+    closing = asyncio.create_task(client.close())
+    await asyncio.sleep(0)  # close() is now waiting for the refresh
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    held.release.set()
+    with pytest.raises(ClientClosedError):
+        await call
+
+    assert session is not None
+    assert session.closed  # no "Unclosed client session"
