@@ -277,6 +277,8 @@ class OAuth2:
         self._rejected: str | None = None  # an access token Kommo answered 401 to
         self._flight: asyncio.Future[None] | None = None
         self._flight_endpoint: TokenEndpoint | None = None  # the client the refresh runs on
+        # A refresh token Kommo refused (400/401), and its error: not sent again.
+        self._refused: tuple[str, TokenRefreshError] | None = None
         self._fallback_lock: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -469,7 +471,17 @@ class OAuth2:
                     self._current, self._kept, self._exchanged = tokens, None, None
                     stored = tokens  # a kept pair may itself be stale by now: plan again
                     continue
-                self._current = await self._refresh(endpoint, tokens)
+                refused = self._refused
+                if refused is not None and refused[0] == tokens.refresh_token:
+                    # Re-authorization is needed; asking again with the same token
+                    # would only send Kommo one refused request per call.
+                    raise _refused_again(refused[1])
+                try:
+                    self._current = await self._refresh(endpoint, tokens)
+                except TokenRefreshError as exc:
+                    if exc.status in (400, 401):
+                        self._refused = (tokens.refresh_token, exc)
+                    raise
                 return
 
     async def _refresh(self, endpoint: TokenEndpoint, old: TokenSet) -> TokenSet:
@@ -502,6 +514,15 @@ class OAuth2:
             new.expires_at.isoformat(),
         )
         return new
+
+
+def _refused_again(refusal: TokenRefreshError) -> TokenRefreshError:
+    return TokenRefreshError(
+        f"{refusal} (not asked again until the store holds another token pair)",
+        status=refusal.status,
+        hint=refusal.hint,
+        problem=refusal.problem,
+    )
 
 
 def _retrieve(flight: asyncio.Future[None]) -> None:

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from kommo_talks import (
     ClientClosedError,
+    CloseStatus,
     FileTokenStore,
     KommoClient,
     MemoryTokenStore,
@@ -958,3 +959,20 @@ async def test_a_close_cancelled_while_it_waits_for_a_refresh_still_closes_the_s
 
     assert session is not None
     assert session.closed  # no "Unclosed client session"
+
+
+async def test_a_refused_refresh_token_is_not_sent_again_until_the_store_changes(
+    fake: FakeKommo,
+) -> None:
+    store = MemoryTokenStore(expired(fake.oauth.issue_tokens()))
+    fake.oauth.revoke_all()  # the integration was deactivated: re-authorization needed
+    async with client_for(fake, oauth_for(fake, store)) as client:
+        outcomes = await client.close_talks(range(1, 51), force=True, concurrency=5)
+        refused = fake.stats.by_route["token"]
+        await store.save(fake.oauth.issue_tokens())  # authorized again (exchange_code)
+        await client.close_talk(7, force=True)
+
+    assert [o.status for o in outcomes] == [CloseStatus.FAILED] * 50
+    assert all(isinstance(o.error, TokenRefreshError) for o in outcomes)
+    assert refused == 1  # one refused request, not one per talk
+    assert not fake.is_open(7)  # the new pair is used at once
