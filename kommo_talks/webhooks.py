@@ -600,13 +600,12 @@ class WebhookReceiver:
             for event in events:
                 try:
                     await self._callback(event)
-                except asyncio.CancelledError:
+                except (Exception, asyncio.CancelledError) as exc:
+                    # A CancelledError is this task's only when the task is being
+                    # cancelled (the loop is closing); else the callback met it.
                     task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise  # this task is cancelled (the loop is closing)
-                    # The callback's own (it awaited something cancelled): as any error.
-                    logger.exception("webhook callback failed on %s", _describe(event))
-                except Exception:
+                    if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                        raise
                     logger.exception("webhook callback failed on %s", _describe(event))
                 self._pending -= 1
                 left -= 1
