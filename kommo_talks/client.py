@@ -431,16 +431,7 @@ class KommoClient:
             response, started = await self._exchange(method, url, body, headers, params, gate)
             if not isinstance(response, Response):
                 failure = response
-                if self._closed:  # closed while this request was in flight
-                    raise ClientClosedError(
-                        f"{method} {url}: the KommoClient was closed during the request"
-                    ) from failure
-                # A connection failure that retrying cannot heal (TLS verification)
-                # still ends as a TransportError, at once; anything else is a bug.
-                retryable = is_retryable_exception(failure)
-                if not retryable and not isinstance(failure, aiohttp.ClientError):
-                    raise failure
-                self._log(method, url, type(failure).__name__, started, attempt)
+                retryable = self._triage(failure, method, url, started, attempt)
                 # A failed connect sent nothing; anything later may have landed.
                 ambiguous = ambiguous or not isinstance(failure, aiohttp.ClientConnectorError)
                 if not retryable or attempt >= policy.max_attempts:
@@ -524,6 +515,27 @@ class KommoClient:
         finally:
             if slots is not None:
                 slots.release()
+
+    def _triage(
+        self, failure: Exception, method: str, url: str, started: float, attempt: int
+    ) -> bool:
+        """Log a request that failed on the wire; True if retrying it may help.
+
+        Raises:
+            ClientClosedError: the client was closed while the request was in flight.
+            Exception: ``failure`` itself, when it is not a connection failure
+                (a bug). A connection failure that retrying cannot heal (TLS
+                verification) returns False: the caller ends it as its own error.
+        """
+        if self._closed:
+            raise ClientClosedError(
+                f"{method} {url}: the KommoClient was closed during the request"
+            ) from failure
+        retryable = is_retryable_exception(failure)
+        if not retryable and not isinstance(failure, aiohttp.ClientError):
+            raise failure
+        self._log(method, url, type(failure).__name__, started, attempt)
+        return retryable
 
     async def _pass_gates(self, method: str, url: str) -> None:
         """Wait out the client-wide server pause, then take a rate-limit slot.
@@ -625,14 +637,7 @@ class KommoClient:
             response, started = await self._exchange(method, url, data, headers)
             if not isinstance(response, Response):
                 failure = response
-                if self._closed:
-                    raise ClientClosedError(
-                        "the KommoClient was closed during a token request"
-                    ) from failure
-                retryable = is_retryable_exception(failure)
-                if not retryable and not isinstance(failure, aiohttp.ClientError):
-                    raise failure
-                self._log(method, url, type(failure).__name__, started, attempt)
+                retryable = self._triage(failure, method, url, started, attempt)
                 if not retryable or attempt >= policy.max_attempts:
                     raise TokenRefreshError(
                         f"the token endpoint could not be reached after {attempt} attempt(s): "
