@@ -316,7 +316,7 @@ async def _close(
     out = Console(stderr=as_json, highlight=False)
     err = Console(stderr=True, highlight=False)
     first = talk_ids[0]
-    rest = [talk_id for talk_id in talk_ids[1:] if talk_id != first]
+    rest = talk_ids[1:]  # distinct already (collect_ids)
     async with make_client(token_file) as client:
         # Wrong credentials or host fail once, not once per talk: the first talk
         # is closed alone, and the rest only if that did not fail for them all.
