@@ -29,6 +29,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
+from ._loops import LoopLock
+
 __all__ = ["DEFAULT_MARGIN", "RateLimiter", "SlidingWindowRateLimiter", "window_for_rate"]
 
 DEFAULT_MARGIN = 0.025
@@ -95,19 +97,14 @@ class SlidingWindowRateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._sent: collections.deque[float] = collections.deque(maxlen=self._size)
-        self._lock = asyncio.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop _lock belongs to
+        self._lock = LoopLock()
 
     def __repr__(self) -> str:
         return f"SlidingWindowRateLimiter(rate={self.rate:g})"
 
     async def acquire(self) -> None:
         """Wait for a free slot in the window, then take it."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # An asyncio.Lock binds to the loop it first waits in: a new loop, a new lock.
-            self._loop, self._lock = loop, asyncio.Lock()
-        async with self._lock:
+        async with self._lock.get():
             sent = self._sent
             if len(sent) == self._size:
                 wait = sent[0] + self._span - self._clock()

@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
         "kommo_talks.redis needs redis-py: install the extra, pip install 'kommo-talks[redis]'"
     ) from exc
 
+from ._loops import LoopLock
 from .errors import CoordinationError, TokenStoreError
 from .ratelimit import DEFAULT_MARGIN, window_for_rate
 from .tokens import TokenSet
@@ -380,8 +381,7 @@ class RedisTokenStore:
         # key, _UNKNOWN when there is nothing to compare with: before the first
         # read, after a corrupt one, and from the moment the refresh lock is taken.
         self._seen: str | _Seen | None = _UNKNOWN
-        self._task_lock: asyncio.Lock | None = None
-        self._task_lock_loop: asyncio.AbstractEventLoop | None = None
+        self._task_lock = LoopLock()  # a store may outlive an asyncio.run()
 
     def __repr__(self) -> str:
         return f"RedisTokenStore(key={self.key!r})"
@@ -458,7 +458,7 @@ class RedisTokenStore:
         Raises:
             RedisUnavailableError: Redis could not be reached to take the lock.
         """
-        task_lock = self._get_task_lock()
+        task_lock = self._task_lock.get()
         async with task_lock:
             lock = Lock(
                 self._redis,
@@ -521,14 +521,6 @@ class RedisTokenStore:
                 self.lock_timeout,
                 exc,
             )
-
-    def _get_task_lock(self) -> asyncio.Lock:
-        # One asyncio.Lock per event loop: a lock is bound to the loop it waited in.
-        loop = asyncio.get_running_loop()
-        if self._task_lock is None or self._task_lock_loop is not loop:
-            self._task_lock = asyncio.Lock()
-            self._task_lock_loop = loop
-        return self._task_lock
 
     def _corrupt(self, problem: str) -> TokenStoreError:
         return TokenStoreError(

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ._loops import LoopLock
 from .errors import TokenStoreError
 from .tokens import TokenSet
 
@@ -130,8 +131,7 @@ class FileTokenStore:
         self.lock_path = Path(f"{os.fspath(path)}.lock")
         """The file that :meth:`refresh_lock` locks (``<path>.lock``)."""
         self._lock_timeout = lock_timeout
-        self._task_lock: asyncio.Lock | None = None
-        self._task_lock_loop: asyncio.AbstractEventLoop | None = None
+        self._task_lock = LoopLock()  # a store may outlive an asyncio.run()
 
     def __repr__(self) -> str:
         return f"FileTokenStore({os.fspath(self.path)!r})"
@@ -197,7 +197,7 @@ class FileTokenStore:
         """
         import filelock  # a refresh is rare: keep `import kommo_talks` light
 
-        task_lock = self._get_task_lock()
+        task_lock = self._task_lock.get()
         # A fresh FileLock per hold: filelock's locks are reentrant per object,
         # which would let two holders in on one object. Separate objects use
         # separate descriptors, which exclude each other even in one process.
@@ -225,15 +225,6 @@ class FileTokenStore:
                 file_lock.release()
             finally:
                 task_lock.release()
-
-    def _get_task_lock(self) -> asyncio.Lock:
-        # One asyncio.Lock per event loop: a store may outlive an asyncio.run()
-        # (a CLI that runs several), and a lock is bound to the loop it waited in.
-        loop = asyncio.get_running_loop()
-        if self._task_lock is None or self._task_lock_loop is not loop:
-            self._task_lock = asyncio.Lock()
-            self._task_lock_loop = loop
-        return self._task_lock
 
     async def _acquire_file_lock(
         self,
