@@ -10,21 +10,28 @@ __all__ = ["MAX_TALK_ID", "InputError", "collect_ids", "parse_talk_id", "read_id
 MAX_TALK_ID = 2**63 - 1
 """The largest ID accepted (Kommo's IDs are 64-bit integers)."""
 
+_MAX_DIGITS = len(str(MAX_TALK_ID))
+
 
 class InputError(Exception):
     """A talk ID that is not one; the message names where it was (argument or line)."""
 
 
 def parse_talk_id(text: str, where: str) -> int:
-    """Parse one talk ID (ASCII digits, surrounding blanks ignored), or raise InputError."""
+    """Parse one talk ID (ASCII digits, surrounding blanks ignored), or raise InputError.
+
+    The ID must be in 1..``MAX_TALK_ID``; however long the text, the message
+    quotes at most its first 40 characters.
+    """
     value = text.strip()
-    if not (value.isascii() and value.isdigit()) or int(value) == 0:
-        shown = value if len(value) <= 40 else value[:40] + "..."
-        raise InputError(f"{where}: {shown!r} is not a talk ID (expected a positive integer)")
-    talk_id = int(value)
-    if talk_id > MAX_TALK_ID:
-        raise InputError(f"{where}: {value[:40]!r} is too large for a talk ID")
-    return talk_id
+    shown = repr(value if len(value) <= 40 else value[:40] + "...")
+    digits = value.lstrip("0")
+    if not (value.isascii() and value.isdigit()) or not digits:
+        raise InputError(f"{where}: {shown} is not a talk ID (expected a positive integer)")
+    # Count the digits before converting: int() refuses more than 4,300 of them.
+    if len(digits) > _MAX_DIGITS or int(digits) > MAX_TALK_ID:
+        raise InputError(f"{where}: {shown} is too large for a talk ID (at most {MAX_TALK_ID})")
+    return int(digits)
 
 
 def read_ids(lines: Iterable[str], source: str) -> list[int]:
