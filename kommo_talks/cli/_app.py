@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import IO, Any, NoReturn, TypeVar
 
 import click
-import orjson
 from rich.console import Console
 
 from .._version import __version__
@@ -33,6 +32,7 @@ from ..models import CloseOutcome
 from ..ratelimit import DEFAULT_MARGIN
 from ._input import InputError, collect_ids, parse_talk_id, source_name
 from ._output import BatchReport, ProgressReporter, one_line, render_summary, talk_table
+from ._text import json_line, printable
 
 __all__ = ["cli"]
 
@@ -53,7 +53,8 @@ class CLIError(Exception):
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {one_line(message)}", err=True)
+    # The message may quote Kommo's answer or an input file: controls are escaped.
+    click.echo(f"error: {printable(one_line(message))}", err=True)
     sys.exit(code)
 
 
@@ -225,7 +226,7 @@ async def _get(talk_id: int, as_json: bool, token_file: str | None) -> int:
         with api_errors(f"talk {talk_id}"):
             talk = await client.get_talk(talk_id)
     if as_json:
-        sys.stdout.write(orjson.dumps(converter.unstructure(talk)).decode() + "\n")
+        sys.stdout.write(json_line(converter.unstructure(talk)))
     else:
         Console().print(talk_table(talk))
     return EXIT_OK
@@ -347,7 +348,7 @@ async def _close(
     if as_json:
         write = sys.stdout.write
         for record in report.records():
-            write(orjson.dumps(record).decode() + "\n")
+            write(json_line(record))
         sys.stdout.flush()
     render_summary(out, report)
     if interrupted:
@@ -400,7 +401,7 @@ async def _list(filters: dict[str, Any], as_json: bool, token_file: str | None) 
             try:
                 async for talk in talks:
                     if as_json:
-                        out.write(orjson.dumps(converter.unstructure(talk)).decode() + "\n")
+                        out.write(json_line(converter.unstructure(talk)))
                     else:
                         out.write(f"{talk.talk_id}\n")
                 out.flush()

@@ -27,6 +27,7 @@ from ..ratelimit import SlidingWindowRateLimiter
 from ..retry import RetryPolicy
 from ..testing import FakeKommo, Fault
 from ._output import ProgressReporter, reason
+from ._text import plain
 
 __all__ = ["run_demo"]
 
@@ -175,14 +176,14 @@ def _sample_table(sample: list[Talk | KommoError]) -> Table:
         table.add_column(column)
     for item in sample:
         if isinstance(item, KommoError):
-            table.add_row("?", f"[red]{reason(item)}[/]", "", "", "", "")
+            table.add_row("?", plain(reason(item), style="red"), "", "", "", "")
             continue
         entity = f"{item.entity_type} {item.entity_id}" if item.entity_id is not None else "-"
         table.add_row(
             str(item.talk_id),
             "open" if item.is_in_work else "closed",
-            item.origin,
-            entity,
+            plain(item.origin),
+            plain(entity),
             str(item.contact_id),
             item.created_at.strftime("%Y-%m-%d"),
         )
@@ -210,7 +211,7 @@ def _summary(
     table.add_row(
         "[red]failed[/]" if failed else "failed",
         str(len(failed)),
-        "; ".join(sorted({reason(o.error) for o in failed if o.error is not None}))[:80],
+        plain("; ".join(sorted({reason(o.error) for o in failed if o.error is not None}))[:80]),
     )
     table.add_row(
         "requests sent",

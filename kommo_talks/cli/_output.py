@@ -34,6 +34,7 @@ from ..errors import (
     TransportError,
 )
 from ..models import CloseOutcome, CloseStatus, Talk
+from ._text import plain, printable
 
 __all__ = [
     "BatchReport",
@@ -53,14 +54,21 @@ def one_line(text: str) -> str:
 
 
 def reason(error: BaseException) -> str:
-    """A short reason for a failed talk, without the request URL (which names the talk)."""
+    """A short reason for a failed talk, without the request URL (which names the talk).
+
+    One line, safe to print: control characters are escaped (see ``printable``).
+    """
+    return printable(one_line(_reason(error)))
+
+
+def _reason(error: BaseException) -> str:
     if isinstance(error, ForbiddenError) and error.is_block:
         return "403 IP/account block (an HTML page instead of JSON)"
     if isinstance(error, APIError):
         text = str(error.status)
         title = error.title or _phrase(error.status)
         if title:
-            text += f" {title}"
+            text += f" {_cut(title)}"
         # A detail naming the request's URL would make each talk's reason unique.
         if (
             error.problem
@@ -68,8 +76,7 @@ def reason(error: BaseException) -> str:
             and error.detail != error.title
             and "://" not in error.detail
         ):
-            detail = one_line(error.detail)
-            text += f": {detail[:120]}..." if len(detail) > 120 else f": {detail}"
+            text += f": {_cut(error.detail)}"
         if isinstance(error, RateLimitError | ServerError) and error.retry_after is not None:
             text += f" (retry after {error.retry_after:.0f} s)"
         return text
@@ -78,9 +85,14 @@ def reason(error: BaseException) -> str:
         if cause is not None:
             detail = str(cause) or ("timed out" if isinstance(cause, TimeoutError) else "")
             name = type(cause).__name__
-            return one_line(f"connection failed: {name}: {detail}" if detail else name)
-        return one_line(str(error))
-    return one_line(f"{type(error).__name__}: {error}")
+            return f"connection failed: {name}: {detail}" if detail else name
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    text = one_line(text)
+    return f"{text[:limit]}..." if len(text) > limit else text
 
 
 def _phrase(status: int) -> str:
@@ -280,21 +292,20 @@ def render_summary(console: Console, report: BatchReport) -> None:
         failures.add_column("reason", overflow="fold")
         failures.add_column("talks", justify="right")
         failures.add_column("IDs", overflow="fold")
+        # A reason holds Kommo's text: plain Text, never markup.
         for text, ids in sorted(by_reason.items(), key=lambda item: -len(item[1])):
-            failures.add_row(text, str(len(ids)), _id_list(ids))
+            failures.add_row(plain(text), str(len(ids)), _id_list(ids))
         console.print(failures)
 
     if report.not_attempted:
-        console.print(
-            f"[yellow]Not attempted[/] ({report.why_not_attempted()}): "
-            f"{_id_list(report.not_attempted, 20)}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        line = Text("Not attempted", style="yellow")
+        line.append_text(plain(f" ({report.why_not_attempted()}): "))
+        line.append(_id_list(report.not_attempted, 20))
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def talk_table(talk: Talk) -> Table:
-    """A two-column table of one talk's fields."""
+    """A two-column table of one talk's fields (Kommo's strings shown literally)."""
     table = Table(box=box.SIMPLE, show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
@@ -307,7 +318,7 @@ def talk_table(talk: Talk) -> Table:
         ("updated_at", talk.updated_at.isoformat()),
         ("missed_at", talk.missed_at.isoformat() if talk.missed_at else "-"),
         ("origin", talk.origin),
-        ("chat_id", talk.chat_id),
+        ("chat_id", talk.chat_id or "-"),  # None from a Kommo that left it out
         ("contact_id", str(talk.contact_id)),
         ("entity", entity),
         ("rate", str(talk.rate)),
@@ -315,5 +326,5 @@ def talk_table(talk: Talk) -> Table:
         ("url", talk.self_url or "-"),
     ]
     for name, value in rows:
-        table.add_row(name, Text(value))
+        table.add_row(name, plain(value))
     return table
