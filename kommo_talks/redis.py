@@ -41,7 +41,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 try:
     import redis.exceptions
@@ -54,6 +54,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
 from ._loops import LoopLock
 from .errors import CoordinationError, TokenStoreError
 from .ratelimit import DEFAULT_MARGIN, window_for_rate
+from .stores import parse_token_record
 from .tokens import TokenSet
 
 if TYPE_CHECKING:
@@ -390,28 +391,32 @@ class RedisTokenStore:
         """Return the stored pair, or ``None`` if the key holds none.
 
         Raises:
-            TokenStoreError: the key holds something that is not a token pair;
-                the message never contains a token.
+            TokenStoreError: the key holds something that is not a token pair
+                (whatever it holds); neither the message nor an exception
+                chained to it holds the value.
             RedisUnavailableError: Redis could not be reached.
         """
-        with _redis_errors("load the token pair", self.key):
-            raw: Any = await self._redis.get(self.key)
+        raw = await self._get()
         if raw is None:
             self._seen = None
             return None
-        try:
-            tokens = TokenSet.from_json(json.loads(raw))
-        except json.JSONDecodeError:
-            # `from None`: the JSONDecodeError keeps the whole text (the tokens) in `.doc`.
-            self._seen = _UNKNOWN
-            raise self._corrupt("not valid JSON") from None
-        except ValueError as exc:  # not UTF-8, or not a token record
-            self._seen = _UNKNOWN
-            # Safe to quote: TokenSet.from_json never puts a token in its messages.
-            problem = str(exc) if not isinstance(exc, UnicodeDecodeError) else "not UTF-8 text"
-            raise self._corrupt(problem) from None
+        self._seen = _UNKNOWN  # until the value proves to be a pair
+        tokens = parse_token_record(raw, self._corrupt)
         self._seen = tokens.refresh_token
         return tokens
+
+    async def _get(self) -> bytes | str | None:
+        try:
+            with _redis_errors("load the token pair", self.key):
+                raw: bytes | str | None = await self._redis.get(self.key)
+        except UnicodeDecodeError as exc:
+            # A client with decode_responses=True decodes the value itself, and its
+            # error holds the bytes (tokens included): raised outside, unchained.
+            problem = f"not valid JSON (not UTF-8 text: byte {exc.start} is wrong)"
+        else:
+            return raw
+        self._seen = _UNKNOWN
+        raise self._corrupt(problem)
 
     async def save(self, tokens: TokenSet) -> None:
         """Store ``tokens`` if the key still holds the pair this store last read or wrote.

@@ -14,9 +14,9 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ._loops import LoopLock
 from .errors import TokenStoreError
@@ -30,6 +30,9 @@ __all__ = ["FileTokenStore", "MemoryTokenStore", "TokenStore"]
 # Seconds between two tries of a file lock that another process holds.
 # Refreshes are rare (once a day per account), so 50 ms of latency costs nothing.
 _LOCK_POLL_INTERVAL = 0.05
+
+MAX_TOKEN_RECORD_BYTES = 1024 * 1024
+"""The largest token record a store reads (a real one is a few kilobytes)."""
 
 # Errors of fsync() on a directory that mean "this filesystem cannot do it":
 # nothing better is possible there, so the save still counts as done.
@@ -70,6 +73,45 @@ class TokenStore(Protocol):
             TokenStoreError: the pair could not be stored.
         """
         ...
+
+
+def parse_token_record(data: bytes | str, corrupt: Callable[[str], Exception]) -> TokenSet:
+    """Read a stored token record (:meth:`TokenSet.to_json`'s object as JSON).
+
+    Anything else, however broken (not UTF-8, not JSON, nested too deeply,
+    a number of thousands of digits, the wrong shape, a date out of range,
+    over ``MAX_TOKEN_RECORD_BYTES``), raises ``corrupt(problem)``, where
+    ``problem`` says what is wrong (with a line and column for bad JSON) and
+    never quotes the content. The error is raised with no ``__cause__`` or
+    ``__context__``: the exceptions of the JSON parser hold the text, tokens
+    included (``JSONDecodeError.doc``, ``UnicodeDecodeError.object``).
+    """
+    document, problem = _json_document(data)
+    if not problem:
+        try:
+            return TokenSet.from_json(document)
+        except ValueError as exc:
+            problem = str(exc)  # TokenSet.from_json never puts a token in its messages
+        except OverflowError:  # a valid timestamp that UTC cannot hold (year 1, +14:00)
+            problem = "token record: 'expires_at' is out of range"
+    # Raised here, outside every `except`, so that nothing is chained to it.
+    raise corrupt(problem)
+
+
+def _json_document(data: bytes | str) -> tuple[Any, str]:
+    """``(the JSON value of data, "")``, or ``(None, what is wrong)`` with nothing of ``data``."""
+    if len(data) > MAX_TOKEN_RECORD_BYTES:
+        return None, f"larger than {MAX_TOKEN_RECORD_BYTES // 1024} KiB"
+    try:
+        return json.loads(data), ""
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})"
+    except UnicodeDecodeError as exc:
+        return None, f"not valid JSON (not UTF-8 text: byte {exc.start} is wrong)"
+    except RecursionError:
+        return None, "not a token record (JSON nested too deeply)"
+    except ValueError:  # an integer of over 4,300 digits
+        return None, "not a token record (a number too long to read)"
 
 
 class MemoryTokenStore:
@@ -142,26 +184,15 @@ class FileTokenStore:
         Raises:
             TokenStoreError: the file cannot be read (a folder at ``path``,
                 no permission, ...) or does not hold a token pair (not JSON,
-                wrong shape). The message names the file, never a token;
-                the file is left as it is.
+                wrong shape, over ``MAX_TOKEN_RECORD_BYTES``). The message
+                names the file and what is wrong, never its content, and no
+                exception chained to it holds the content either; the file is
+                left as it is.
         """
         data = await asyncio.to_thread(self._read)
         if data is None:
             return None
-        try:
-            document = json.loads(data)
-        except json.JSONDecodeError as exc:
-            # `from None`: the JSONDecodeError keeps the whole text (the tokens) in `.doc`.
-            raise self._corrupt(
-                f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-            ) from None
-        except ValueError:  # UnicodeDecodeError: bytes that are not UTF-8
-            raise self._corrupt("not valid JSON (not UTF-8 text)") from None
-        try:
-            return TokenSet.from_json(document)
-        except ValueError as exc:
-            # Safe to quote: TokenSet.from_json never puts a token in its messages.
-            raise self._corrupt(str(exc)) from None
+        return parse_token_record(data, self._corrupt)
 
     async def save(self, tokens: TokenSet) -> None:
         """Write ``tokens`` to the file atomically (mode 0600), replacing what it held.
@@ -285,7 +316,8 @@ class FileTokenStore:
     def _read(self) -> bytes | None:
         try:
             with open(self.path, "rb") as file:
-                return file.read()
+                # One byte more than the limit tells parse_token_record it is exceeded.
+                return file.read(MAX_TOKEN_RECORD_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError as exc:
