@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kommo_talks.errors import DecodeError, TokenRefreshError, TokenStoreError
+from kommo_talks.errors import DecodeError, TokenStoreError
 from kommo_talks.stores import FileTokenStore, MemoryTokenStore, TokenStore
 from kommo_talks.tokens import TokenSet
 
@@ -305,40 +305,7 @@ async def test_save_into_a_missing_folder_fails_clearly(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-_VALID = json.dumps(TOKENS.to_json())
-
-
-@pytest.mark.parametrize(
-    ("content", "problem"),
-    [
-        (b"", "not valid JSON"),
-        (b"{not json " + REFRESH.encode(), "not valid JSON"),
-        (_VALID[:-10].encode(), "not valid JSON"),
-        (b"\xff\xfe" + ACCESS.encode(), "not valid JSON"),
-        (b"[]", "not a JSON object"),
-        (b"null", "not a JSON object"),
-        (json.dumps({**TOKENS.to_json(), "refresh_token": None}).encode(), "'refresh_token'"),
-        (json.dumps({**TOKENS.to_json(), "expires_at": 1764324000}).encode(), "'expires_at'"),
-        (json.dumps({"access_token": ACCESS, "refresh_token": REFRESH}).encode(), "'expires_at'"),
-    ],
-)
-async def test_corrupt_file_raises_naming_the_path_and_stays_untouched(
-    tmp_path: Path, content: bytes, problem: str
-) -> None:
-    path = tmp_path / "tokens.json"
-    path.write_bytes(content)
-    with pytest.raises(TokenStoreError) as info:
-        await FileTokenStore(path).load()
-    message = str(info.value)
-    assert str(path) in message
-    assert "corrupt" in message
-    assert problem in message
-    _assert_no_secret(message)
-    # No token hides in the chained exceptions either.
-    assert info.value.__cause__ is None
-    assert path.read_bytes() == content
-    # It is a TokenRefreshError, so a refresh that meets it stops there.
-    assert isinstance(info.value, TokenRefreshError)
+# Corrupt files: tests/test_stores_corrupt.py (with the Redis store's corrupt values).
 
 
 async def test_folder_at_the_path_is_unreadable(tmp_path: Path) -> None:

@@ -63,6 +63,14 @@ CORRUPT: dict[str, tuple[bytes, str]] = {
     "expires_at not a date": (_record(expires_at=f"soon {ACCESS}"), "'expires_at'"),
     "a token not a string": (_record(refresh_token=[REFRESH]), "'refresh_token'"),
     "an array": (json.dumps([ACCESS, REFRESH, EXPIRES]).encode(), "not a JSON object"),
+    "empty": (b"", "not valid JSON (Expecting value: line 1 column 1"),
+    "null": (b"null", "not a JSON object"),
+    "a token null": (_record(refresh_token=None), "'refresh_token'"),
+    "expires_at a number": (_record(expires_at=1764324000), "'expires_at'"),
+    "no expires_at": (
+        json.dumps({"access_token": ACCESS, "refresh_token": REFRESH}).encode(),
+        "'expires_at'",
+    ),
     "too large": (
         RECORD.encode() + b" " * MAX_TOKEN_RECORD_BYTES,
         f"larger than {MAX_TOKEN_RECORD_BYTES // 1024} KiB",
@@ -145,7 +153,7 @@ async def test_a_corrupt_token_file_raises_token_store_error_holding_no_content(
         await FileTokenStore(path).load()
 
     assert_corrupt(caught.value, problem)
-    assert str(path) in str(caught.value)
+    assert f"token file {str(path)!r} is corrupt" in str(caught.value)
     assert path.read_bytes() == content  # left as it was
 
 
