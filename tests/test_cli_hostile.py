@@ -21,7 +21,7 @@ from rich.console import Console
 from test_cli import cli_env, kommo_talks
 
 from kommo_talks.cli._output import BatchReport, reason, render_summary, talk_table
-from kommo_talks.cli._text import json_line, plain, printable
+from kommo_talks.cli._text import json_line, plain, printable, printable_lines
 from kommo_talks.errors import APIError, ForbiddenError
 from kommo_talks.models import CloseOutcome, CloseStatus, Talk
 from kommo_talks.testing import FakeKommo
@@ -76,6 +76,10 @@ def rendered(renderable: object) -> str:
 def test_printable_shows_control_characters_as_escapes(text: str, shown: str) -> None:
     assert printable(text) == shown
     assert raw_controls(printable(text)) == []
+
+
+def test_printable_lines_keeps_line_breaks_only() -> None:
+    assert printable_lines("Traceback:\n  \x1b[2J\r\n") == "Traceback:\n  \\x1b[2J\\r\n"
 
 
 def test_plain_text_is_shown_literally_never_as_markup() -> None:
@@ -232,3 +236,24 @@ async def test_list_json_escapes_hostile_fields(fake: FakeKommo) -> None:
     talks = [orjson.loads(line) for line in result.out.splitlines()]
     assert talks[2]["origin"] == HOSTILE
     assert raw_controls(result.out) == []
+
+
+async def test_verbose_log_lines_escape_a_hostile_next_link(fake: FakeKommo) -> None:
+    talk = fake.payload(1)
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.query.get("page") == "2":
+            return web.Response(status=204)
+        # Same origin, so followed; its path, logged by --verbose, is the server's.
+        href = f"{request.url.origin()}/api/v4/talks%1b]0;pwned%07?page=2"
+        page = {"_embedded": {"talks": [talk]}, "_links": {"next": {"href": href}}}
+        return web.json_response(page, content_type="application/hal+json")
+
+    async with serving(answering_everything(answer)) as url:
+        env = cli_env(KOMMO_BASE_URL=url, KOMMO_TOKEN="token")
+        result = await kommo_talks("--verbose", "list", env=env)
+
+    assert result.code == 0, result.err
+    assert result.out == "1\n"
+    assert "/api/v4/talks\\x1b]0;pwned\\x07" in result.err
+    assert raw_controls(result.err) == []

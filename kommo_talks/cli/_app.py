@@ -32,7 +32,7 @@ from ..models import CloseOutcome
 from ..ratelimit import DEFAULT_MARGIN
 from ._input import InputError, collect_ids, parse_talk_id, source_name
 from ._output import BatchReport, ProgressReporter, one_line, render_summary, talk_table
-from ._text import json_line, printable
+from ._text import json_line, printable, printable_lines
 
 __all__ = ["cli"]
 
@@ -186,6 +186,14 @@ def token_file_option(function: F) -> F:
     )(function)
 
 
+class PrintableFormatter(logging.Formatter):
+    """Log lines of ``--verbose`` with control characters escaped (a URL path may be Kommo's)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The formatted record, each line through ``printable``."""
+        return printable_lines(super().format(record))
+
+
 # -- the commands ----------------------------------------------------------------------------
 
 
@@ -202,7 +210,7 @@ def cli(verbose: bool) -> None:
     """
     if verbose:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        handler.setFormatter(PrintableFormatter("%(asctime)s %(name)s %(message)s"))
         logger = logging.getLogger("kommo_talks")
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)

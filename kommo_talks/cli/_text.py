@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from rich.text import Text
 
-__all__ = ["json_line", "plain", "printable"]
+__all__ = ["json_line", "plain", "printable", "printable_lines"]
 
 # C0 controls, DEL and C1 controls (Unicode category Cc): ESC starts terminal
 # sequences, CR rewrites a line, BEL rings, U+009B is a one-character CSI.
@@ -47,6 +47,11 @@ def printable(text: str) -> str:
     Everything else, backslashes included, is kept as it is.
     """
     return text.translate(_ESCAPES)
+
+
+def printable_lines(text: str) -> str:
+    """:func:`printable` line by line: the line breaks of multi-line text (a traceback) stay."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def plain(text: str, style: str = "") -> Text:
