@@ -1,0 +1,203 @@
+"""Hostile servers and inputs: what the SDK keeps, accepts and refuses (issue 13).
+
+- Failed batch outcomes keep their error without traceback frames, so a
+  failed talk does not keep its whole answer (a 64 KB error page) alive.
+- Token endpoint answers are validated before anything is saved, and tokens
+  are visible ASCII wherever they enter (answers, ``TokenSet``,
+  ``LongLivedToken``, the stored form).
+- A ``base_url`` with a space or a control character is refused.
+
+Servers are small aiohttp apps on loopback (``tests/loopback.py``).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp import web
+from loopback import answering_everything, serving
+
+from kommo_talks import (
+    APIError,
+    CloseStatus,
+    DecodeError,
+    KommoClient,
+    KommoError,
+    LongLivedToken,
+    NotFoundError,
+    RateLimitError,
+    RetryPolicy,
+    TransportError,
+)
+
+ONE_YEAR = 365 * 24 * 3600  # the longest expires_in accepted
+FAST = RetryPolicy(max_attempts=1, base_delay=0.001, max_delay=1.0)
+TOKEN = "long-lived-token-0123456789"
+ERROR_PAGE = "<html><body><h1>Bad request</h1>" + "<p>proxy says no</p>" * 3300 + "</body></html>"
+# What one kept error may cost: its message, 500 characters of detail, a
+# small problem body, and (after the bounded-body change) at most 4 KiB of
+# body. A traceback keeps the 64 KB page and the client's frames: far more.
+KEPT_LIMIT = 12 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def client_of(handler: Handler) -> AsyncIterator[KommoClient]:
+    async with (
+        serving(answering_everything(handler)) as url,
+        KommoClient(url, auth=LongLivedToken(TOKEN), retry=FAST, rate_limit=None) as client,
+    ):
+        yield client
+
+
+async def error_page(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(
+        status=400, text=ERROR_PAGE, content_type="text/html", headers={"X-Request-Id": "req-42"}
+    )
+
+
+# -- 13.3: failed outcomes keep no traceback and no error page ---------------------------
+
+_SHARED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
+
+
+def reachable_bytes(root: object, limit: int) -> int:
+    """Bytes of the objects reachable from ``root`` (types, modules, functions left out).
+
+    Stops counting once past ``limit``: a traceback reaches the whole program.
+    """
+    seen: set[int] = set()
+    pending = [root]
+    total = 0
+    while pending and total <= limit:
+        obj = pending.pop()
+        if id(obj) in seen or isinstance(obj, _SHARED):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        pending.extend(gc.get_referents(obj))
+    return total
+
+
+def chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception chained to it."""
+    found: list[BaseException] = []
+    pending = [error]
+    while pending:
+        exc = pending.pop()
+        if any(exc is seen for seen in found):
+            continue
+        found.append(exc)
+        pending.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+    return found
+
+
+def assert_kept_lean(error: KommoError) -> None:
+    assert [exc.__traceback__ for exc in chain(error)] == [None] * len(chain(error))
+    assert reachable_bytes(error, KEPT_LIMIT) <= KEPT_LIMIT
+
+
+async def _close_all(client: KommoClient, ids: range) -> list[KommoError | None]:
+    return [o.error for o in await client.close_talks(ids, force=True)]
+
+
+async def _iter_close_all(client: KommoClient, ids: range) -> list[KommoError | None]:
+    return [o.error async for o in client.iter_close_talks(ids, force=True)]
+
+
+async def _get_all(client: KommoClient, ids: range) -> list[KommoError | None]:
+    return [r if isinstance(r, KommoError) else None for r in await client.get_talks(ids)]
+
+
+@pytest.mark.parametrize("run", [_close_all, _iter_close_all, _get_all])
+async def test_failed_outcomes_keep_their_facts_but_not_the_error_page(
+    run: Callable[[KommoClient, range], Awaitable[list[KommoError | None]]],
+) -> None:
+    async with client_of(error_page) as client:
+        errors = await run(client, range(1, 6))
+    assert len(errors) == 5
+    for error in errors:
+        assert isinstance(error, APIError)
+        assert type(error) is APIError
+        assert error.status == 400
+        assert error.detail is not None
+        assert error.detail.startswith("<html><body><h1>Bad request</h1>")
+        assert error.request_id == "req-42"
+        assert error.request_method in ("GET", "POST")
+        assert error.request_url is not None
+        assert error.request_url.startswith("http://127.0.0.1:")
+        assert_kept_lean(error)
+
+
+async def test_a_stopping_error_keeps_its_wait_problem_and_request_id_without_frames() -> None:
+    async def too_many(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(
+            {"title": "Too Many Requests", "status": 429, "detail": "slow down"},
+            status=429,
+            content_type="application/problem+json",
+            headers={"Retry-After": "600", "X-Request-Id": "req-429"},
+        )
+
+    async with client_of(too_many) as client:
+        outcomes = await client.close_talks(range(1, 4), force=True, concurrency=1)
+    error = outcomes[0].error
+    assert isinstance(error, RateLimitError)
+    assert (error.status, error.retry_after, error.request_id) == (429, 600.0, "req-429")
+    assert error.title == "Too Many Requests"
+    assert error.problem["status"] == 429
+    assert error.request_method == "POST"
+    assert all(o.status is CloseStatus.FAILED for o in outcomes)
+    assert error.detail == "slow down"
+    assert_kept_lean(error)
+
+
+async def test_a_failed_connection_outcome_keeps_no_frames_in_its_cause_chain() -> None:
+    async def hang_up(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response(status=500)
+
+    async with client_of(hang_up) as client:
+        outcomes = await client.close_talks(range(1, 4), force=True)
+    for outcome in outcomes:
+        assert isinstance(outcome.error, TransportError)
+        assert outcome.error.request_method == "POST"
+        assert len(chain(outcome.error)) >= 2  # the cause of the failure is still told
+        assert_kept_lean(outcome.error)
+
+
+async def test_an_undecodable_talk_in_get_talks_does_not_keep_the_body() -> None:
+    async def not_json(request: web.Request) -> web.Response:
+        return web.Response(status=200, text=ERROR_PAGE, content_type="application/json")
+
+    async with client_of(not_json) as client:
+        results = await client.get_talks(range(1, 4))
+    for result in results:
+        assert isinstance(result, DecodeError)
+        assert result.status == 200
+        # The JSON parser's error, hidden by `raise ... from None`, held the whole body.
+        assert_kept_lean(result)
+
+
+async def test_a_plain_404_outcome_stays_small() -> None:
+    async def not_found(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(
+            {"title": "Not Found", "type": "https://httpstatus.es/404", "status": 404},
+            status=404,
+            content_type="application/problem+json",
+        )
+
+    async with client_of(not_found) as client:
+        outcomes = await client.close_talks(range(1, 11), force=True)
+    for outcome in outcomes:
+        assert isinstance(outcome.error, NotFoundError)
+        assert reachable_bytes(outcome, 4096) <= 2048
