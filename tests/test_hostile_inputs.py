@@ -17,6 +17,9 @@ import sys
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -26,12 +29,17 @@ from kommo_talks import (
     APIError,
     CloseStatus,
     DecodeError,
+    FileTokenStore,
     KommoClient,
     KommoError,
     LongLivedToken,
+    MemoryTokenStore,
     NotFoundError,
+    OAuth2,
     RateLimitError,
     RetryPolicy,
+    TokenRefreshError,
+    TokenSet,
     TransportError,
 )
 
@@ -201,3 +209,159 @@ async def test_a_plain_404_outcome_stays_small() -> None:
     for outcome in outcomes:
         assert isinstance(outcome.error, NotFoundError)
         assert reachable_bytes(outcome, 4096) <= 2048
+
+
+# -- 13.6: token endpoint answers, TokenSet and LongLivedToken ---------------------------
+
+ACCESS = "ACCESS-0123456789-secret"
+REFRESH = "REFRESH-9876543210-secret"
+NOW = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+BAD_TOKENS = [
+    pytest.param("ACCESS-with\r\nX-Evil: 1-secret", id="CRLF"),
+    pytest.param("ACCESS-with\nLF-secret", id="LF"),
+    pytest.param("ACCESS-with\x00NUL-secret", id="NUL"),
+    pytest.param("ACCESS with space-secret", id="space"),
+    pytest.param("ACCESS-with\ttab-secret", id="TAB"),
+    pytest.param("ACCESS-with\x7fDEL-secret", id="DEL"),
+    pytest.param("ACCESS-with-é-secret", id="non-ASCII"),
+    pytest.param(" ACCESS-padded-secret ", id="surrounding-spaces"),
+]
+
+
+def answer(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "token_type": "Bearer",
+        "expires_in": 86400,
+        "access_token": ACCESS,
+        "refresh_token": REFRESH,
+    }
+    body.update(changes)
+    return body
+
+
+def assert_names_field_not_value(error: BaseException, field: str, value: object) -> None:
+    text = f"{error} {error!r} {error.args!r}"
+    assert field in str(error)
+    assert str(value) not in text
+    for secret in (ACCESS, REFRESH, "secret"):
+        assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("expires_in", 2**62),  # overflowed datetime arithmetic before
+        ("expires_in", 10**10),
+        ("expires_in", ONE_YEAR + 1),
+        ("expires_in", True),
+        *[("access_token", token.values[0]) for token in BAD_TOKENS],
+        *[("refresh_token", token.values[0]) for token in BAD_TOKENS],
+    ],
+)
+def test_token_answer_out_of_bounds_raises_token_refresh_error_naming_the_field(
+    field: str, value: object
+) -> None:
+    with pytest.raises(TokenRefreshError) as info:
+        TokenSet.from_token_response(answer(**{field: value}), now=NOW, status=200)
+    error = info.value
+    assert isinstance(error, DecodeError)  # what a malformed answer raised before
+    assert (error.path, error.status) == (field, 200)
+    assert_names_field_not_value(error, field, value)
+
+
+def test_token_answer_of_one_year_is_accepted() -> None:
+    tokens = TokenSet.from_token_response(answer(expires_in=ONE_YEAR), now=NOW)
+    assert tokens.expires_at == NOW + timedelta(days=365)
+
+
+@pytest.mark.parametrize("bad", BAD_TOKENS)
+@pytest.mark.parametrize("field", ["access_token", "refresh_token"])
+def test_token_set_refuses_a_token_that_could_not_be_sent(field: str, bad: str) -> None:
+    tokens = {"access_token": ACCESS, "refresh_token": REFRESH, field: bad}
+    with pytest.raises(ValueError, match="visible ASCII") as info:
+        TokenSet(**tokens, expires_at=NOW)
+    assert_names_field_not_value(info.value, field, bad)
+
+
+@pytest.mark.parametrize("bad", BAD_TOKENS)
+def test_stored_pair_with_a_token_that_could_not_be_sent_is_corrupt(bad: str) -> None:
+    record = {"access_token": bad, "refresh_token": REFRESH, "expires_at": NOW.isoformat()}
+    with pytest.raises(ValueError, match="visible ASCII") as info:
+        TokenSet.from_json(record)
+    assert_names_field_not_value(info.value, "access_token", bad)
+
+
+@pytest.mark.parametrize("bad", BAD_TOKENS)
+def test_long_lived_token_refuses_what_a_header_cannot_carry(bad: str) -> None:
+    with pytest.raises(ValueError, match="visible ASCII") as info:
+        LongLivedToken(bad)
+    assert "secret" not in str(info.value)
+
+
+class TokenServer:
+    """A token endpoint answering ``body`` with 200, and an API counting what it gets."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.token_requests = 0
+        self.api_requests = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        if request.path == "/oauth2/access_token":
+            self.token_requests += 1
+            return web.json_response(self.body)
+        self.api_requests += 1
+        return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
+
+
+BAD_ANSWERS = [
+    pytest.param("access_token", answer(access_token="NEW-access\r\nX-Evil: 1"), id="CRLF"),
+    pytest.param("refresh_token", answer(refresh_token="NEW-refresh\x00"), id="NUL"),
+    pytest.param("expires_in", answer(expires_in=2**62), id="huge-expires_in"),
+]
+CLIENT = {"client_id": "client-1", "client_secret": "client-secret-0123456789"}
+REDIRECT = "https://integration.example/oauth"
+
+
+@pytest.mark.parametrize(("field", "body"), BAD_ANSWERS)
+async def test_refresh_with_a_bad_answer_saves_nothing_and_sends_nothing(
+    field: str, body: dict[str, Any]
+) -> None:
+    server = TokenServer(body)
+    stale = TokenSet(ACCESS, REFRESH, datetime.now(UTC) - timedelta(minutes=5))
+    store = MemoryTokenStore(stale)
+    auth = OAuth2(CLIENT["client_id"], CLIENT["client_secret"], REDIRECT, store)
+    async with (
+        serving(answering_everything(server.handle)) as url,
+        KommoClient(url, auth=auth, retry=FAST, rate_limit=None) as client,
+    ):
+        with pytest.raises(TokenRefreshError) as info:
+            await client.get_talk(1)
+    assert info.value.path == field  # type: ignore[attr-defined]
+    assert field in str(info.value)
+    assert "NEW-" not in f"{info.value} {info.value!r}"
+    assert await store.load() == stale
+    assert (server.token_requests, server.api_requests) == (1, 0)
+
+
+@pytest.mark.parametrize(("field", "body"), BAD_ANSWERS)
+async def test_code_exchange_with_a_bad_answer_writes_no_token_file(
+    tmp_path: Path, field: str, body: dict[str, Any]
+) -> None:
+    server = TokenServer(body)
+    path = tmp_path / "tokens.json"
+    async with serving(answering_everything(server.handle)) as url:
+        with pytest.raises(TokenRefreshError, match=field):
+            await OAuth2.exchange_code(
+                url,
+                "code-0123456789",
+                redirect_uri=REDIRECT,
+                store=FileTokenStore(path),
+                **CLIENT,
+            )
+    assert files_in(tmp_path) == []  # neither the token file nor a temporary one
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
