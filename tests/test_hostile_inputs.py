@@ -365,3 +365,43 @@ async def test_code_exchange_with_a_bad_answer_writes_no_token_file(
 
 def files_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+# -- 13.13: base_url ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://example.kommo.com\r\n",
+        "https://exam\nple.kommo.com",
+        "https://exam\tple.kommo.com",
+        "https://exa mple.kommo.com",
+        " https://example.kommo.com",
+        "https://example.kommo.com\x00",
+        "https://example.kommo.com\x7f",
+        "https://exa\x85mple.kommo.com",
+        "https://exa\u00a0mple.kommo.com",  # no-break space
+        "https://exa\u00admple.kommo.com",  # soft hyphen, which IDNA would drop
+        "https://exa\u200bmple.kommo.com",  # zero-width space
+    ],
+)
+def test_base_url_with_a_space_or_control_character_is_refused(base_url: str) -> None:
+    with pytest.raises(ValueError, match="base_url must not contain spaces or control"):
+        KommoClient(base_url, LongLivedToken("t"))
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://user:hunter2-secret@example.kommo.com\n",
+        "https://user:hunter2-secret@[example",
+        "user:hunter2-secret@example.kommo.com",
+        "https://user:hunter2-secret@example.kommo.com",
+    ],
+)
+def test_base_url_errors_never_quote_the_url(base_url: str) -> None:
+    with pytest.raises(ValueError, match="base_url") as info:
+        KommoClient(base_url, LongLivedToken("t"))
+    for exc in chain(info.value):
+        assert "hunter2" not in f"{exc} {exc!r}"
