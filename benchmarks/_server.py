@@ -7,7 +7,8 @@ client side is what a benchmark measures:
 - ``GET /api/v4/talks/{id}``: the API reference's example talk with that ID
   (HAL JSON with ``_links`` and ``_embedded``), for any ID;
 - ``POST /api/v4/talks/{id}/close``: 202, always (every close succeeds, so
-  one talk can be closed many times).
+  one talk can be closed many times), or the ``close_answer`` given to
+  :class:`ServerProcess` (a failure, for benchmarks of failed batches).
 
 It runs in a child process (``multiprocessing``, spawn), optionally pinned to
 one CPU, and reports the CPU time it used when stopped, so a benchmark can
@@ -56,12 +57,16 @@ def pin_to_cpu(cpu: int | None) -> str:
     return f"pinned to CPU {cpu}"
 
 
-def _serve(conn: Connection, cpu: int | None) -> None:
+CloseAnswer = tuple[int, str, bytes]
+"""A close's answer: status, Content-Type, body."""
+
+
+def _serve(conn: Connection, cpu: int | None, close_answer: CloseAnswer | None) -> None:
     pinned = pin_to_cpu(cpu)
-    asyncio.run(_serve_async(conn, pinned))
+    asyncio.run(_serve_async(conn, pinned, close_answer))
 
 
-async def _serve_async(conn: Connection, pinned: str) -> None:
+async def _serve_async(conn: Connection, pinned: str, close_answer: CloseAnswer | None) -> None:
     base = ""
     answered = 0
     accepted = {"GET", "POST"}
@@ -78,6 +83,9 @@ async def _serve_async(conn: Connection, pinned: str) -> None:
         rest = path[len(_TALKS_PREFIX) :]
         if request.method == "POST":
             await request.read()
+            if close_answer is not None:
+                status, content_type, body = close_answer
+                return web.Response(status=status, body=body, content_type=content_type)
             return web.Response(status=202)
         if not rest.isdigit():
             return web.Response(status=404)
@@ -117,13 +125,14 @@ class ServerProcess:
 
     ``with ServerProcess(cpu=1) as server:`` starts it; ``server.url`` and
     ``server.token`` address it; :meth:`cpu_seconds` reads its CPU time and
-    request count so far.
+    request count so far. ``close_answer`` (status, Content-Type, body)
+    replaces the 202 of every close.
     """
 
-    def __init__(self, cpu: int | None = None) -> None:
+    def __init__(self, cpu: int | None = None, close_answer: CloseAnswer | None = None) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, cpu), daemon=True)
+        self._process = context.Process(target=_serve, args=(child, cpu, close_answer), daemon=True)
         self.url = ""
         self.token = TOKEN
         self.pinned = ""

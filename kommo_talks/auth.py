@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from .tokens import VISIBLE_ASCII_ONLY, is_token_text
+
 __all__ = ["Auth", "LongLivedToken", "TokenEndpoint"]
 
 
@@ -46,16 +48,22 @@ class LongLivedToken:
 
     It is never refreshed: a 401 raises :class:`~kommo_talks.UnauthorizedError`.
     Its ``repr`` does not show the token.
+
+    Raises:
+        ValueError: ``token`` is not a non-empty string of visible ASCII
+            characters (a space, line break, control or non-ASCII character
+            anywhere, surrounding whitespace included, is refused; the
+            message never shows the token).
     """
 
     __slots__ = ("_token",)
 
     def __init__(self, token: str) -> None:
-        if not isinstance(token, str) or not token.strip():
+        if not isinstance(token, str) or not token:
             raise ValueError("LongLivedToken needs a non-empty token string")
-        if any(c in token for c in "\r\n"):
-            raise ValueError("the token must not contain line breaks")
-        self._token = token.strip()
+        if not is_token_text(token):
+            raise ValueError(f"the token must hold {VISIBLE_ASCII_ONLY}")
+        self._token = token
 
     def __repr__(self) -> str:
         return "LongLivedToken(<redacted>)"

@@ -65,9 +65,11 @@ __all__ = [
     "get_talks",
     "is_stop_error",
     "iter_close_talks",
+    "shed_frames",
 ]
 
 R = TypeVar("R")
+E = TypeVar("E", bound=BaseException)
 
 _WORKER_NAME: Final = "kommo-talks batch worker"
 
@@ -90,6 +92,31 @@ def is_stop_error(error: KommoError, max_delay: float) -> bool:
     if isinstance(error, RateLimitError | ServerError):
         return error.retry_after is not None and error.retry_after > max_delay
     return False
+
+
+def shed_frames(error: E) -> E:
+    """Return ``error`` without the traceback frames it holds, ready to be kept in a result.
+
+    A traceback keeps every frame it passed through alive, with their locals
+    (the whole answer body among them): tens of KB per failed talk. This
+    clears ``__traceback__`` on ``error`` and on every exception chained to it
+    (``__cause__``, ``__context__``), and drops a ``__context__`` that
+    ``raise ... from`` hides anyway. Class, message and attributes stay.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        if exc.__suppress_context__:
+            exc.__context__ = None
+        pending.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+    return error
 
 
 def check_concurrency(concurrency: object) -> int:
@@ -132,7 +159,7 @@ class _Close:
         except TalkAlreadyClosedError:
             return CloseOutcome(talk_id, CloseStatus.ALREADY_CLOSED)
         except KommoError as error:
-            return CloseOutcome(talk_id, CloseStatus.FAILED, error)
+            return CloseOutcome(talk_id, CloseStatus.FAILED, shed_frames(error))
         return CloseOutcome(talk_id, CloseStatus.CLOSED)
 
     def failed(self, talk_id: int, error: KommoError) -> CloseOutcome:
@@ -152,7 +179,7 @@ class _Get:
         try:
             return await self._client.get_talk(talk_id)
         except KommoError as error:
-            return error
+            return shed_frames(error)
 
     def failed(self, talk_id: int, error: KommoError) -> Talk | KommoError:
         return error

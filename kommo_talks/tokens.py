@@ -22,15 +22,16 @@ Unknown keys are ignored when reading, so later versions may add fields.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
-from .errors import DecodeError
+from .errors import DecodeError, TokenRefreshError
 
-__all__ = ["TokenSet"]
+__all__ = ["MAX_EXPIRES_IN", "TokenResponseError", "TokenSet", "is_token_text"]
 
 _REDACTED = "'***'"
 
@@ -39,12 +40,52 @@ def _redact(_: object) -> str:
     return _REDACTED
 
 
+MAX_EXPIRES_IN: Final = 365 * 24 * 3600
+"""The longest ``expires_in`` accepted from the token endpoint: one year, in seconds.
+
+Kommo's access tokens live a day; a larger value is a broken answer.
+"""
+
+_TOKEN_TEXT: Final = re.compile(r"[\x21-\x7e]+")
+VISIBLE_ASCII_ONLY: Final = (
+    "visible ASCII characters only (no spaces, line breaks or other control characters)"
+)
+"""What a token must hold, as error messages put it (see :func:`is_token_text`)."""
+
+
+def is_token_text(value: str) -> bool:
+    """True if ``value`` is non-empty and made only of visible ASCII characters (``!`` to ``~``).
+
+    What a bearer token can be: a space, CR, LF, NUL or any other control or
+    non-ASCII character could not be sent in an HTTP header (or would change it).
+    """
+    return _TOKEN_TEXT.fullmatch(value) is not None
+
+
+class TokenResponseError(TokenRefreshError, DecodeError):
+    """The token endpoint answered with a body that is not a usable token pair.
+
+    Both a :class:`TokenRefreshError` (the refresh failed and nothing was
+    saved) and a :class:`DecodeError`. ``path`` names the offending field
+    (``None`` when the body is not an object); ``status`` is the HTTP status.
+    The message names the field, never its value.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, path: str | None = None) -> None:
+        TokenRefreshError.__init__(self, message, status=status)
+        # Set after: DecodeError.__init__, reached through the MRO, resets them.
+        self.status = status
+        self.path = path
+
+
 def _check_token(_: object, attribute: attrs.Attribute[str], value: object) -> None:
     # Never put `value` into a message: it is a secret.
     if type(value) is not str:
         raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
     if not value:
         raise ValueError(f"{attribute.name} must not be empty")
+    if not is_token_text(value):
+        raise ValueError(f"{attribute.name} must hold {VISIBLE_ASCII_ONLY}")
 
 
 def _is_aware(value: datetime) -> bool:
@@ -70,11 +111,15 @@ def _now(now: datetime | None) -> datetime:
 class TokenSet:
     """An OAuth2 access token, its refresh token and when the access token expires.
 
-    ``repr`` and ``str`` show ``'***'`` in place of both tokens.
+    ``repr`` and ``str`` show ``'***'`` in place of both tokens. Each token
+    must be visible ASCII (``!`` to ``~``): one with a space, a line break, a
+    control or non-ASCII character could never be sent, so it is refused here
+    rather than failing every request later.
 
     Raises:
         TypeError: a token is not a ``str`` or ``expires_at`` not a ``datetime``.
-        ValueError: a token is empty, or ``expires_at`` is naive (no timezone).
+        ValueError: a token is empty or holds other characters (the message
+            names the field, never the token), or ``expires_at`` is naive.
     """
 
     access_token: str = attrs.field(repr=_redact, validator=_check_token)
@@ -96,54 +141,37 @@ class TokenSet:
         """Build a ``TokenSet`` from the JSON answer of ``POST /oauth2/access_token``.
 
         The answer must hold ``token_type`` (``"Bearer"``, any case),
-        ``expires_in`` (a positive integer, in seconds), and non-empty
-        ``access_token`` and ``refresh_token`` strings; other fields (such as
+        ``expires_in`` (a positive integer of seconds, at most one year), and
+        ``access_token`` and ``refresh_token``: non-empty strings of visible
+        ASCII characters (no spaces, line breaks or other control characters,
+        which could never be sent in a header). Other fields (such as
         ``server_time``) are ignored. ``expires_at`` is ``now + expires_in``:
         pass the time the request was sent, timezone-aware. Kommo's
         ``server_time`` is not used, so a skewed server clock does not matter.
 
         Raises:
-            DecodeError: the answer is not an object, or a field is missing or
-                wrong; ``path`` names the field and ``status`` is the given
-                HTTP status. The message never contains a token.
+            TokenResponseError: the answer is not an object, or a field is
+                missing or wrong (a :class:`TokenRefreshError` and a
+                :class:`DecodeError`); ``path`` names the field and
+                ``status`` is the given HTTP status. The message never
+                contains a value from the answer.
             ValueError: ``now`` is naive.
         """
         now = _now(now)
-
-        def fail(path: str | None, problem: str) -> DecodeError:
+        problem = _answer_problem(body)
+        if problem is not None:
+            path, what = problem
             where = f" (HTTP {status})" if status is not None else ""
             subject = f"field {path!r}" if path else "body"
-            return DecodeError(
-                f"unexpected token endpoint answer{where}: {subject} {problem}",
+            raise TokenResponseError(
+                f"unexpected token endpoint answer{where}: {subject} {what}",
                 status=status,
                 path=path,
             )
-
-        if not isinstance(body, Mapping):
-            raise fail(None, f"is not a JSON object (got {_kind(body)})")
-        for name in ("token_type", "expires_in", "access_token", "refresh_token"):
-            if name not in body:
-                raise fail(name, "is missing")
-
-        token_type = body["token_type"]
-        if type(token_type) is not str or token_type.lower() != "bearer":
-            got = "another string" if type(token_type) is str else _kind(token_type)
-            raise fail("token_type", f"must be 'Bearer' (got {got})")
-        expires_in = body["expires_in"]
-        # `type(...) is int` rejects bool, which is a subclass of int.
-        if type(expires_in) is not int or expires_in <= 0:
-            raise fail(
-                "expires_in", f"must be a positive integer of seconds (got {_kind(expires_in)})"
-            )
-        for name in ("access_token", "refresh_token"):
-            value = body[name]
-            if type(value) is not str or not value:
-                raise fail(name, f"must be a non-empty string (got {_kind(value)})")
-
         return cls(
             access_token=body["access_token"],
             refresh_token=body["refresh_token"],
-            expires_at=now + timedelta(seconds=expires_in),
+            expires_at=now + timedelta(seconds=body["expires_in"]),
         )
 
     def to_json(self) -> dict[str, str]:
@@ -176,6 +204,8 @@ class TokenSet:
             value = data.get(name)
             if type(value) is not str or not value:
                 raise ValueError(f"token record: {name!r} must be a non-empty string")
+            if not is_token_text(value):
+                raise ValueError(f"token record: {name!r} must hold {VISIBLE_ASCII_ONLY}")
         raw = data.get("expires_at")
         try:
             expires_at = datetime.fromisoformat(raw) if type(raw) is str else None
@@ -190,6 +220,38 @@ class TokenSet:
             refresh_token=data["refresh_token"],
             expires_at=expires_at.astimezone(UTC),
         )
+
+
+_ANSWER_FIELDS: Final = ("token_type", "expires_in", "access_token", "refresh_token")
+
+
+def _answer_problem(body: object) -> tuple[str | None, str] | None:
+    """The first thing wrong with a token endpoint answer: (field or None, what), or None.
+
+    Never quotes a value: the answer holds tokens.
+    """
+    if not isinstance(body, Mapping):
+        return None, f"is not a JSON object (got {_kind(body)})"
+    for name in _ANSWER_FIELDS:
+        if name not in body:
+            return name, "is missing"
+    token_type = body["token_type"]
+    if type(token_type) is not str or token_type.lower() != "bearer":
+        got = "another string" if type(token_type) is str else _kind(token_type)
+        return "token_type", f"must be 'Bearer' (got {got})"
+    expires_in = body["expires_in"]
+    # `type(...) is int` rejects bool, which is a subclass of int.
+    if type(expires_in) is not int or not 0 < expires_in <= MAX_EXPIRES_IN:
+        too_long = type(expires_in) is int and expires_in > MAX_EXPIRES_IN
+        got = "more than one year" if too_long else _kind(expires_in)
+        return "expires_in", f"must be a positive integer of seconds, at most one year (got {got})"
+    for name in ("access_token", "refresh_token"):
+        value = body[name]
+        if type(value) is not str or not value:
+            return name, f"must be a non-empty string (got {_kind(value)})"
+        if not is_token_text(value):
+            return name, f"must hold {VISIBLE_ASCII_ONLY}"
+    return None
 
 
 def _kind(value: object) -> str:

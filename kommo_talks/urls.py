@@ -31,24 +31,42 @@ def is_loopback(host: str | None) -> bool:
 _IPV6_LOOPBACK = ipaddress.IPv6Address("::1")
 
 
+def _unprintable_at(text: str) -> int | None:
+    """The index of the first space, control, format or separator character, or ``None``."""
+    if text.isprintable() and " " not in text:
+        return None
+    return next(i for i, char in enumerate(text) if char == " " or not char.isprintable())
+
+
 def normalize_base_url(base_url: str) -> URL:
     """Check an account base URL and return it without a trailing slash.
+
+    Messages never quote the URL whole: it may hold credentials.
 
     Raises:
         ValueError: not ``https://`` (``http://`` is allowed for loopback
             hosts only), or it has a path other than ``/``, a query, a
-            fragment or credentials.
+            fragment or credentials, or a space or a control character
+            anywhere (CR, LF, TAB, NUL, ...; URL parsers drop or re-encode
+            them, which would silently make it another host).
     """
     if not isinstance(base_url, str):
         raise ValueError(f"base_url must be a str, got {type(base_url).__name__}")
-    try:
-        url = URL(base_url.strip())
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"base_url is not a valid URL: {base_url!r}") from exc
-    if not url.is_absolute() or not url.host:
+    position = _unprintable_at(base_url)
+    if position is not None:
         raise ValueError(
-            f"base_url must be an absolute URL such as https://example.kommo.com, got {base_url!r}"
+            "base_url must not contain spaces or control characters "
+            f"(found U+{ord(base_url[position]):04X} at index {position})"
         )
+    try:
+        url = URL(base_url)
+    except (ValueError, TypeError):
+        # `from None`: the parser's error may quote the URL, credentials included.
+        raise ValueError(
+            "base_url is not a valid URL (expected one such as https://example.kommo.com)"
+        ) from None
+    if not url.is_absolute() or not url.host:
+        raise ValueError("base_url must be an absolute URL such as https://example.kommo.com")
     if url.user is not None or url.password is not None:
         raise ValueError("base_url must not contain credentials")
     if url.scheme == "http":
