@@ -579,6 +579,51 @@ async def test_unreadable_retry_after_falls_back_to_backoff(fake_clock: FakeCloc
         assert 0.0 <= slept <= cap
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param("Wed, 21 Oct 99999999999999999999 07:28:00 GMT", id="date-huge-year"),
+        pytest.param("9" * 400, id="400-digit-number"),
+    ],
+)
+async def test_a_hostile_retry_after_is_ignored_and_the_client_keeps_working(
+    fake_clock: FakeClock, header: str
+) -> None:
+    answers = [
+        web.Response(status=503, headers={"Retry-After": header}),
+        web.Response(status=503, headers={"Retry-After": header}),
+        web.Response(status=202),
+    ]
+    async with (
+        scripted_server(answers) as url,
+        clocked_client(url, fake_clock) as client,
+    ):
+        assert await client.close_talk(1, force=True) is None
+
+    assert len(fake_clock.sleeps) == 2  # ordinary backoffs, no server-given pause
+    for slept, cap in zip(fake_clock.sleeps, backoff_caps(2), strict=True):
+        assert 0.0 <= slept <= cap
+
+
+async def test_a_day_long_retry_after_pauses_the_client_for_an_hour_at_most(
+    fake_clock: FakeClock,
+) -> None:
+    answers = [
+        web.Response(status=429, headers={"Retry-After": "86400"}),
+        web.Response(status=202),
+    ]
+    async with (
+        scripted_server(answers) as url,
+        clocked_client(url, fake_clock) as client,
+    ):
+        with pytest.raises(RateLimitError) as caught:
+            await client.close_talk(1, force=True)
+        assert caught.value.retry_after == 3600.0
+
+        fake_clock.time += 3600.0
+        assert await client.close_talk(1, force=True) is None
+
+
 # -- the client-wide pause ------------------------------------------------------------------
 
 
