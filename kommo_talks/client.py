@@ -76,6 +76,7 @@ USER_AGENT: Final = (
 _CLOSE_BODIES: Final = {True: orjson.dumps({"force_close": True}), False: b"{}"}
 _STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {Talk: structure_talk}
 _TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
+DEFAULT_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
 
 #: A batch's veto on sending (see :mod:`kommo_talks.batch`), set in its worker
 #: tasks only. Every attempt of a talk request calls it with ``False`` before
@@ -94,9 +95,9 @@ def check_talk_id(talk_id: object) -> int:
 
 
 class Response:
-    """One HTTP answer, read whole (internal)."""
+    """One HTTP answer (internal); ``whole`` is false when the body was cut at the size limit."""
 
-    __slots__ = ("body", "headers", "method", "status", "url")
+    __slots__ = ("body", "headers", "method", "status", "url", "whole")
 
     def __init__(
         self,
@@ -105,12 +106,14 @@ class Response:
         body: bytes,
         method: str,
         url: str,
+        whole: bool = True,
     ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
         self.method = method
         self.url = url
+        self.whole = whole
 
     @property
     def content_type(self) -> str | None:
@@ -134,6 +137,11 @@ class KommoClient:
             documented limit), a :class:`RateLimiter`, or ``None`` for none.
         timeout: seconds per request attempt, or an ``aiohttp.ClientTimeout``.
         max_connections: connection pool size of the client's own session.
+        max_response_bytes: the largest answer body read, in bytes after
+            decompression (default 16 MiB; a page of 250 talks is well under
+            1 MiB). A larger one is not read further and its connection is
+            dropped: a 2xx answer raises :class:`DecodeError`, another is
+            handled by its status with the part read.
         sleep: the sleep function of the retry loop and limiter (tests pass a fake).
         clock: the monotonic clock of the retry loop and limiter.
         rng: the random generator of the backoff jitter.
@@ -156,6 +164,7 @@ class KommoClient:
         rate_limit: float | RateLimiter | None = 7.0,
         timeout: float | aiohttp.ClientTimeout = 30.0,
         max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -177,6 +186,9 @@ class KommoClient:
         if type(max_connections) is not int or max_connections < 1:
             raise ValueError(f"max_connections must be an int >= 1, got {max_connections!r}")
         self._max_connections = max_connections
+        if type(max_response_bytes) is not int or max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be an int >= 1, got {max_response_bytes!r}")
+        self._max_response_bytes = max_response_bytes
         self._sleep = sleep
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -447,7 +459,8 @@ class KommoClient:
             self._log(method, url, status, started, attempt)
             if 200 <= status < 300:
                 return response
-            response.body = redact(response.body, (token,))  # an echo must not leak it
+            # An echo must not leak the token, not even a part of it at a cut.
+            response.body = redact(response.body, (token,), cut=not response.whole)
             if status == 422 and closing and ambiguous:
                 return response
             if status == 401 and not refreshed:
@@ -508,9 +521,17 @@ class KommoClient:
                     raise_for_status=False,
                     timeout=self._timeout,
                 ) as raw:
-                    answer = Response(raw.status, raw.headers, await raw.read(), method, url)
+                    body, whole = await _read_body(raw, self._max_response_bytes)
+                    answer = Response(raw.status, raw.headers, body, method, url, whole)
             except Exception as exc:
                 return exc, started
+            if not whole and 200 <= answer.status < 300:
+                raise DecodeError(
+                    f"{method} {url} returned {answer.status} with a body larger than "
+                    f"max_response_bytes ({self._max_response_bytes} bytes); "
+                    "it was not read further",
+                    status=answer.status,
+                )
             return answer, started
         finally:
             if slots is not None:
@@ -656,7 +677,7 @@ class KommoClient:
                         status=status,
                     )
                 return body
-            response.body = redact(response.body, _secrets_of(payload))
+            response.body = redact(response.body, _secrets_of(payload), cut=not response.whole)
             problem, text = parse_problem(response.content_type, response.body)
             if is_retryable_status(status):
                 # The server-given wait pauses the whole client even when this
@@ -669,6 +690,29 @@ class KommoClient:
                         await self._sleep(backoff_delay(policy, attempt, self._rng))
                     continue
             raise _token_error(status, problem, text, attempt)
+
+
+async def _read_body(raw: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The body of ``raw`` (decompressed), at most ``limit`` bytes, and whether it is whole.
+
+    A body that would pass the limit is not read further and its connection
+    is dropped. aiohttp decompresses in bounded steps as the body is read,
+    so a compressed bomb costs no more memory than the limit.
+    """
+    length = raw.content_length
+    if length is not None and length <= limit and "Content-Encoding" not in raw.headers:
+        return await raw.read(), True  # the common, small answer: one read, as before
+    chunks: list[bytes] = []
+    size = 0
+    content = raw.content
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            chunks.append(chunk[: len(chunk) - (size - limit)])
+            raw.close()  # drop the connection: the rest is never read
+            return b"".join(chunks), False
+        chunks.append(chunk)
+    return b"".join(chunks), True
 
 
 def _connection_slots(
