@@ -44,6 +44,7 @@ from .errors import (
     ServerError,
     TokenRefreshError,
     TransportError,
+    redacted,
 )
 from .models import CloseOutcome, Talk
 from .pause import ServerPause
@@ -77,6 +78,10 @@ _CLOSE_BODIES: Final = {True: orjson.dumps({"force_close": True}), False: b"{}"}
 _STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {Talk: structure_talk}
 _TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
 DEFAULT_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+# A body with a Content-Length within the limit and no Content-Encoding is read
+# in one go; any other (chunked, or compressed: its size after decompression is
+# unknown) is read in chunks and cut at the limit.
+_ENCODING: Final = "Content-Encoding"
 
 #: A batch's veto on sending (see :mod:`kommo_talks.batch`), set in its worker
 #: tasks only. Every attempt of a talk request calls it with ``False`` before
@@ -443,15 +448,17 @@ class KommoClient:
             response, started = await self._exchange(method, url, body, headers, params, gate)
             if not isinstance(response, Response):
                 failure = response
-                retryable = self._triage(failure, method, url, started, attempt)
+                retryable = self._triage(failure, method, url, started, attempt, (token,))
                 # A failed connect sent nothing; anything later may have landed.
                 ambiguous = ambiguous or not isinstance(failure, aiohttp.ClientConnectorError)
                 if not retryable or attempt >= policy.max_attempts:
+                    # aiohttp's exception may hold the request, Authorization included.
+                    cause = redacted(failure, (token,))
                     raise TransportError(
-                        f"{method} {url} failed after {attempt} attempt(s): {_describe(failure)}",
+                        f"{method} {url} failed after {attempt} attempt(s): {_describe(cause)}",
                         request_method=method,
                         request_url=url,
-                    ) from failure
+                    ) from cause
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
                 continue
 
@@ -521,8 +528,13 @@ class KommoClient:
                     raise_for_status=False,
                     timeout=self._timeout,
                 ) as raw:
-                    body, whole = await _read_body(raw, self._max_response_bytes)
-                    answer = Response(raw.status, raw.headers, body, method, url, whole)
+                    limit = self._max_response_bytes
+                    length = raw.content_length
+                    if length is not None and length <= limit and _ENCODING not in raw.headers:
+                        read, whole = await raw.read(), True  # a Talk: one read, as before
+                    else:
+                        read, whole = await _read_capped(raw, limit)
+                    answer = Response(raw.status, raw.headers, read, method, url, whole)
             except Exception as exc:
                 return exc, started
             if not whole and 200 <= answer.status < 300:
@@ -538,12 +550,20 @@ class KommoClient:
                 slots.release()
 
     def _triage(
-        self, failure: Exception, method: str, url: str, started: float, attempt: int
+        self,
+        failure: Exception,
+        method: str,
+        url: str,
+        started: float,
+        attempt: int,
+        secrets: Iterable[str],
     ) -> bool:
         """Log a request that failed on the wire; True if retrying it may help.
 
         Raises:
-            ClientClosedError: the client was closed while the request was in flight.
+            ClientClosedError: the client was closed while the request was in
+                flight (its cause is a stand-in for ``failure`` without
+                ``secrets``: see :func:`~kommo_talks.errors.redacted`).
             Exception: ``failure`` itself, when it is not a connection failure
                 (a bug). A connection failure that retrying cannot heal (TLS
                 verification) returns False: the caller ends it as its own error.
@@ -551,7 +571,7 @@ class KommoClient:
         if self._closed:
             raise ClientClosedError(
                 f"{method} {url}: the KommoClient was closed during the request"
-            ) from failure
+            ) from redacted(failure, secrets)
         retryable = is_retryable_exception(failure)
         if not retryable and not isinstance(failure, aiohttp.ClientError):
             raise failure
@@ -647,6 +667,7 @@ class KommoClient:
         policy = self.retry
         method, url = "POST", self._token_url
         data = orjson.dumps(dict(payload))
+        secrets = _secrets_of(payload)
         headers = {
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
@@ -658,12 +679,13 @@ class KommoClient:
             response, started = await self._exchange(method, url, data, headers)
             if not isinstance(response, Response):
                 failure = response
-                retryable = self._triage(failure, method, url, started, attempt)
+                retryable = self._triage(failure, method, url, started, attempt, secrets)
                 if not retryable or attempt >= policy.max_attempts:
+                    cause = redacted(failure, secrets)
                     raise TokenRefreshError(
                         f"the token endpoint could not be reached after {attempt} attempt(s): "
-                        f"{_describe(failure)}"
-                    ) from failure
+                        f"{_describe(cause)}"
+                    ) from cause
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
                 continue
             status = response.status
@@ -677,7 +699,7 @@ class KommoClient:
                         status=status,
                     )
                 return body
-            response.body = redact(response.body, _secrets_of(payload), cut=not response.whole)
+            response.body = redact(response.body, secrets, cut=not response.whole)
             problem, text = parse_problem(response.content_type, response.body)
             if is_retryable_status(status):
                 # The server-given wait pauses the whole client even when this
@@ -692,16 +714,13 @@ class KommoClient:
             raise _token_error(status, problem, text, attempt)
 
 
-async def _read_body(raw: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+async def _read_capped(raw: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
     """The body of ``raw`` (decompressed), at most ``limit`` bytes, and whether it is whole.
 
     A body that would pass the limit is not read further and its connection
     is dropped. aiohttp decompresses in bounded steps as the body is read,
     so a compressed bomb costs no more memory than the limit.
     """
-    length = raw.content_length
-    if length is not None and length <= limit and "Content-Encoding" not in raw.headers:
-        return await raw.read(), True  # the common, small answer: one read, as before
     chunks: list[bytes] = []
     size = 0
     content = raw.content

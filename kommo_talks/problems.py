@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from .errors import (
+    MIN_SECRET_LENGTH,
     APIError,
     ForbiddenError,
     NotFoundError,
@@ -23,6 +24,7 @@ from .errors import (
     TalkAlreadyClosedError,
     UnauthorizedError,
 )
+from .errors import REDACTED as _REDACTED_TEXT
 
 __all__ = [
     "DETAIL_LIMIT",
@@ -149,8 +151,7 @@ def is_block(status: int, content_type: str | None, body: bytes) -> bool:
     return not problem
 
 
-REDACTED = b"[redacted]"
-MIN_SECRET_LENGTH = 8
+REDACTED = _REDACTED_TEXT.encode()
 
 
 def redact(body: bytes, secrets: Iterable[str], *, cut: bool = False) -> bytes:

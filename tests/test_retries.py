@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from loopback import answering_everything, serving
@@ -35,6 +34,7 @@ from kommo_talks import (
     TransportError,
     UnauthorizedError,
 )
+from kommo_talks.errors import RedactedError
 from kommo_talks.testing import FakeKommo, Fault
 
 if TYPE_CHECKING:
@@ -259,7 +259,8 @@ async def test_exhausted_drops_on_post_raise_transport_error(
 
     error = caught.value
     assert (error.request_method, error.request_url) == ("POST", f"{fake.url}/api/v4/talks/6/close")
-    assert isinstance(error.__cause__, aiohttp.ClientError)
+    assert isinstance(error.__cause__, RedactedError)  # aiohttp's error, without the request
+    assert error.__cause__.original.startswith("aiohttp.client_exceptions.")
     assert "5 attempt(s)" in str(error)
     assert attempts(fake, "close") == 5  # aiohttp never re-sends a POST itself
     assert fake.is_open(6)
