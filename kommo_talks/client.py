@@ -210,6 +210,7 @@ class KommoClient:
             )
         self._pause = ServerPause(clock)
         self._session = session
+        self._session_loop: asyncio.AbstractEventLoop | None = None  # where it was first used
         self._owns_session = session is None
         self._closed = False
         # With a rate limit: one permit per pooled connection (see _connection_slots).
@@ -227,7 +228,7 @@ class KommoClient:
     # -- lifecycle ---------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._session_or_raise()
+        await self._ready()
         return self
 
     async def __aexit__(
@@ -270,9 +271,44 @@ class KommoClient:
                 auto_decompress=True,
             )
             self._slots = _connection_slots(session, self._limiter)
+            self._session_loop = asyncio.get_running_loop()
         elif session.closed:
             raise ClientClosedError("the aiohttp session lent to this KommoClient is closed")
+        elif self._session_loop is None:  # a lent session's first use
+            self._session_loop = asyncio.get_running_loop()
         return session
+
+    async def _ready(self) -> aiohttp.ClientSession:
+        """The session to send with in the running loop; raise if the client cannot send.
+
+        A client used again in a new event loop (a second ``asyncio.run()``)
+        with its own session opens a new one there: the old one, whose loop
+        has closed, is closed without touching that loop (Python may report
+        its pooled sockets as ``ResourceWarning: unclosed transport``; close
+        the client in each loop to avoid that).
+
+        Raises:
+            ClientClosedError: the client is closed, the session lent to it
+                is closed or belongs to another event loop, or its own session
+                belongs to another event loop that is still open.
+        """
+        loop = asyncio.get_running_loop()
+        old_loop = self._session_loop
+        if old_loop is not None and old_loop is not loop and not self._closed:
+            if not self._owns_session:
+                raise ClientClosedError(
+                    "the aiohttp session lent to this KommoClient belongs to another event "
+                    "loop: lend it a session created in this loop, or use one client per loop"
+                )
+            if not old_loop.is_closed():
+                raise ClientClosedError(
+                    "this KommoClient's session belongs to another event loop that is still "
+                    "open: close the client there first, or use one client per loop"
+                )
+            old, self._session, self._session_loop = self._session, None, None
+            if old is not None:
+                await old.close()  # its loop is closed: aiohttp leaves that loop alone
+        return self._session_or_raise()
 
     def _refuse_during_long_pause(self, method: str, url: str) -> None:
         """Raise if a server-given pause lasts longer than ``max_delay``: send nothing.
@@ -428,7 +464,7 @@ class KommoClient:
         success (the earlier attempt closed the talk), and a first-attempt
         422 raises :class:`TalkAlreadyClosedError`.
         """
-        self._session_or_raise()  # a closed client fails before anything, a token refresh too
+        await self._ready()  # a closed client fails before anything, a token refresh too
         policy = self.retry
         auth = self._auth
         static_token = self._static_token
@@ -663,7 +699,7 @@ class KommoClient:
             TokenRefreshError: the endpoint refused (400/401, carrying the
                 problem's ``hint``), answered otherwise, or kept failing.
         """
-        self._session_or_raise()
+        await self._ready()
         policy = self.retry
         method, url = "POST", self._token_url
         data = orjson.dumps(dict(payload))

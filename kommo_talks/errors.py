@@ -215,7 +215,11 @@ class ClientClosedError(KommoError):
 
     Raised by every call on a closed client, and by a call that was waiting
     (for a rate-limit slot, a backoff, a server-given pause) when the client
-    was closed. A batch stops at the first one.
+    was closed. Also raised, saying why, when the client cannot send from the
+    running event loop: the session lent to it belongs to another loop, or
+    its own session belongs to another loop that is still open. (A client
+    with its own session whose loop has ended, after ``asyncio.run()``, opens
+    a new session instead.) A batch stops at the first one.
     """
 
 
