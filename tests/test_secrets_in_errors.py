@@ -14,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from secrets_check import assert_no_secret, chain
@@ -103,51 +104,48 @@ def oauth(url: str) -> OAuth2:
 # -- API requests ------------------------------------------------------------------------
 
 
+async def error_of_get_talk(
+    answer: Answer | None, auth: Callable[[str], LongLivedToken | OAuth2] | None = None
+) -> KommoError:
+    """What ``get_talk`` raises against ``broken_http(answer)`` (50 ms timeout)."""
+    async with broken_http(answer) as url:
+        credentials = auth(url) if auth is not None else LongLivedToken(TOKEN)
+        options: dict[str, Any] = {"retry": ONCE, "rate_limit": None, "timeout": 0.05}
+        async with KommoClient(url, credentials, **options) as client:
+            with pytest.raises(KommoError) as caught:
+                await client.get_talk(1)
+    return caught.value
+
+
 @pytest.mark.parametrize(
     "answer",
     [echoing_status_line, echoing_bad_header, cut_short],
     ids=["bad-status-line", "bad-header", "body-cut-short"],
 )
 async def test_a_malformed_answer_leaves_no_token_in_the_error_chain(answer: Answer) -> None:
-    async with (
-        broken_http(answer) as url,
-        KommoClient(url, LongLivedToken(TOKEN), retry=ONCE, rate_limit=None) as client,
-    ):
-        with pytest.raises(TransportError) as caught:
-            await client.get_talk(1)
+    error = await error_of_get_talk(answer)
 
-    assert_no_secret(caught.value, SECRETS)
-    cause = caught.value.__cause__
+    assert isinstance(error, TransportError)
+    assert_no_secret(error, SECRETS)
+    cause = error.__cause__
     assert isinstance(cause, RedactedError)
     assert cause.original.startswith("aiohttp.")
-    assert type(cause).__name__ in str(caught.value)
+    assert type(cause).__name__ in str(error)
 
 
 async def test_the_stand_in_keeps_the_class_name_and_a_redacted_message() -> None:
-    async with (
-        broken_http(echoing_status_line) as url,
-        KommoClient(url, LongLivedToken(TOKEN), retry=ONCE, rate_limit=None) as client,
-    ):
-        with pytest.raises(TransportError) as caught:
-            await client.get_talk(1)
+    cause = (await error_of_get_talk(echoing_status_line)).__cause__
 
-    cause = caught.value.__cause__
     assert type(cause).__name__ == "ClientResponseError"
     assert "Bearer [redacted]" in str(cause)
 
 
 async def test_a_timeout_leaves_no_token_and_is_still_a_timeout() -> None:
-    async with (
-        broken_http(None) as url,
-        KommoClient(
-            url, LongLivedToken(TOKEN), retry=ONCE, rate_limit=None, timeout=0.05
-        ) as client,
-    ):
-        with pytest.raises(TransportError) as caught:
-            await client.close_talk(1, force=True)
+    error = await error_of_get_talk(None)
 
-    assert_no_secret(caught.value, SECRETS)
-    assert isinstance(caught.value.__cause__, TimeoutError)
+    assert isinstance(error, TransportError)
+    assert_no_secret(error, SECRETS)
+    assert isinstance(error.__cause__, TimeoutError)
 
 
 async def test_a_refused_connection_leaves_no_token() -> None:
@@ -205,12 +203,8 @@ async def test_a_failed_code_exchange_leaves_no_secret(answer: Answer | None) ->
     "answer", [echoing_status_line, echoing_bad_header], ids=["bad-status-line", "bad-header"]
 )
 async def test_a_failed_refresh_leaves_no_secret(answer: Answer) -> None:
-    async with (
-        broken_http(answer) as url,
-        KommoClient(url, oauth(url), retry=ONCE, rate_limit=None) as client,
-    ):
-        with pytest.raises(TokenRefreshError) as caught:
-            await client.get_talk(1)
+    error = await error_of_get_talk(answer, auth=oauth)
 
-    assert_no_secret(caught.value, SECRETS)
-    assert any(isinstance(link, RedactedError) for link in chain(caught.value))
+    assert isinstance(error, TokenRefreshError)
+    assert_no_secret(error, SECRETS)
+    assert any(isinstance(link, RedactedError) for link in chain(error))
