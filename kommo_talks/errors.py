@@ -46,7 +46,10 @@ class APIError(KommoError):
             body, each ``None`` when absent (Kommo's 500 has no ``type``).
             For a body that is not JSON, ``detail`` holds at most its first
             500 characters.
-        problem: the parsed problem body, ``{}`` if there was none.
+        problem: the parsed problem body, ``{}`` if there was none; of a
+            body over 4 KiB, only its standard members (``type``, ``title``,
+            ``status``, ``detail``, ``instance``, ``hint``, ``retry_after``;
+            strings cut to 500 characters).
         request_method, request_url: the request that got this answer.
         request_id: the ``X-Request-Id`` response header, or ``None``.
     """
