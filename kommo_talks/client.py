@@ -78,6 +78,9 @@ _CLOSE_BODIES: Final = {True: orjson.dumps({"force_close": True}), False: b"{}"}
 _STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {Talk: structure_talk}
 _TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
 DEFAULT_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+#: The most of an error answer read (within ``max_response_bytes``): enough for
+#: any problem+json body, while an exception keeps at most 4 KiB of it.
+ERROR_BODY_READ_LIMIT: Final = 1024 * 1024
 # A body with a Content-Length within the limit and no Content-Encoding is read
 # in one go; any other (chunked, or compressed: its size after decompression is
 # unknown) is read in chunks and cut at the limit.
@@ -146,7 +149,8 @@ class KommoClient:
             decompression (default 16 MiB; a page of 250 talks is well under
             1 MiB). A larger one is not read further and its connection is
             dropped: a 2xx answer raises :class:`DecodeError`, another is
-            handled by its status with the part read.
+            handled by its status with the part read (of an error answer,
+            at most the first MiB is read).
         sleep: the sleep function of the retry loop and limiter (tests pass a fake).
         clock: the monotonic clock of the retry loop and limiter.
         rng: the random generator of the backoff jitter.
@@ -565,6 +569,8 @@ class KommoClient:
                     timeout=self._timeout,
                 ) as raw:
                     limit = self._max_response_bytes
+                    if not 200 <= raw.status < 300:
+                        limit = min(limit, ERROR_BODY_READ_LIMIT)
                     length = raw.content_length
                     if length is not None and length <= limit and _ENCODING not in raw.headers:
                         read, whole = await raw.read(), True  # a Talk: one read, as before

@@ -189,6 +189,17 @@ async def test_a_huge_502_page_is_still_retried_and_kept_short() -> None:
     assert seen.sent < 64 * MiB
 
 
+async def test_of_an_error_answer_only_an_excerpt_is_read() -> None:
+    seen, handler = streaming(502, b"<html>" + b"bad gateway " * 5000, 64 * MiB)
+    async with client_of(handler) as kommo:  # the default limit, 16 MiB
+        with pytest.raises(ServerError):
+            await kommo.get_talk(7)
+        async with asyncio.timeout(5):
+            await seen.cut_off.wait()  # hung up long before 16 MiB, let alone 64
+
+    assert seen.requests == FAST.max_attempts
+
+
 async def test_a_huge_html_403_still_stops_a_batch() -> None:
     seen, handler = streaming(403, b"<html>blocked " * 5000, 64 * MiB)
     async with client_of(handler, max_response_bytes=MiB) as kommo:
