@@ -468,7 +468,12 @@ class KommoClient:
         success (the earlier attempt closed the talk), and a first-attempt
         422 raises :class:`TalkAlreadyClosedError`.
         """
-        await self._ready()  # a closed client fails before anything, a token refresh too
+        # A closed client fails before anything, a token refresh too. The loop
+        # check is inline: a coroutine per request costs more than the check.
+        if self._session_loop is asyncio.get_running_loop():
+            self._session_or_raise()
+        else:  # first use, or a new event loop
+            await self._ready()
         policy = self.retry
         auth = self._auth
         static_token = self._static_token

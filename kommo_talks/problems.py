@@ -29,6 +29,7 @@ from .errors import REDACTED as _REDACTED_TEXT
 __all__ = [
     "DETAIL_LIMIT",
     "KEPT_BODY_LIMIT",
+    "KEPT_MEMBERS",
     "error_class",
     "is_block",
     "make_api_error",
