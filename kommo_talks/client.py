@@ -44,6 +44,7 @@ from .errors import (
     ServerError,
     TokenRefreshError,
     TransportError,
+    redacted,
 )
 from .models import CloseOutcome, Talk
 from .pause import ServerPause
@@ -76,6 +77,14 @@ USER_AGENT: Final = (
 _CLOSE_BODIES: Final = {True: orjson.dumps({"force_close": True}), False: b"{}"}
 _STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {Talk: structure_talk}
 _TOKEN_PATH: Final = "/oauth2/access_token"  # noqa: S105 - a path, not a secret
+DEFAULT_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+#: The most of an error answer read (within ``max_response_bytes``): enough for
+#: any problem+json body, while an exception keeps at most 4 KiB of it.
+ERROR_BODY_READ_LIMIT: Final = 1024 * 1024
+# A body with a Content-Length within the limit and no Content-Encoding is read
+# in one go; any other (chunked, or compressed: its size after decompression is
+# unknown) is read in chunks and cut at the limit.
+_ENCODING: Final = "Content-Encoding"
 
 #: A batch's veto on sending (see :mod:`kommo_talks.batch`), set in its worker
 #: tasks only. Every attempt of a talk request calls it with ``False`` before
@@ -94,9 +103,9 @@ def check_talk_id(talk_id: object) -> int:
 
 
 class Response:
-    """One HTTP answer, read whole (internal)."""
+    """One HTTP answer (internal); ``whole`` is false when the body was cut at the size limit."""
 
-    __slots__ = ("body", "headers", "method", "status", "url")
+    __slots__ = ("body", "headers", "method", "status", "url", "whole")
 
     def __init__(
         self,
@@ -105,12 +114,14 @@ class Response:
         body: bytes,
         method: str,
         url: str,
+        whole: bool = True,
     ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
         self.method = method
         self.url = url
+        self.whole = whole
 
     @property
     def content_type(self) -> str | None:
@@ -134,6 +145,12 @@ class KommoClient:
             documented limit), a :class:`RateLimiter`, or ``None`` for none.
         timeout: seconds per request attempt, or an ``aiohttp.ClientTimeout``.
         max_connections: connection pool size of the client's own session.
+        max_response_bytes: the largest answer body read, in bytes after
+            decompression (default 16 MiB; a page of 250 talks is well under
+            1 MiB). A larger one is not read further and its connection is
+            dropped: a 2xx answer raises :class:`DecodeError`, another is
+            handled by its status with the part read (of an error answer,
+            at most the first MiB is read).
         sleep: the sleep function of the retry loop and limiter (tests pass a fake).
         clock: the monotonic clock of the retry loop and limiter.
         rng: the random generator of the backoff jitter.
@@ -156,6 +173,7 @@ class KommoClient:
         rate_limit: float | RateLimiter | None = 7.0,
         timeout: float | aiohttp.ClientTimeout = 30.0,
         max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -177,6 +195,9 @@ class KommoClient:
         if type(max_connections) is not int or max_connections < 1:
             raise ValueError(f"max_connections must be an int >= 1, got {max_connections!r}")
         self._max_connections = max_connections
+        if type(max_response_bytes) is not int or max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be an int >= 1, got {max_response_bytes!r}")
+        self._max_response_bytes = max_response_bytes
         self._sleep = sleep
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -193,6 +214,7 @@ class KommoClient:
             )
         self._pause = ServerPause(clock)
         self._session = session
+        self._session_loop: asyncio.AbstractEventLoop | None = None  # where it was first used
         self._owns_session = session is None
         self._closed = False
         # With a rate limit: one permit per pooled connection (see _connection_slots).
@@ -210,7 +232,7 @@ class KommoClient:
     # -- lifecycle ---------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._session_or_raise()
+        await self._ready()
         return self
 
     async def __aexit__(
@@ -253,9 +275,44 @@ class KommoClient:
                 auto_decompress=True,
             )
             self._slots = _connection_slots(session, self._limiter)
+            self._session_loop = asyncio.get_running_loop()
         elif session.closed:
             raise ClientClosedError("the aiohttp session lent to this KommoClient is closed")
+        elif self._session_loop is None:  # a lent session's first use
+            self._session_loop = asyncio.get_running_loop()
         return session
+
+    async def _ready(self) -> aiohttp.ClientSession:
+        """The session to send with in the running loop; raise if the client cannot send.
+
+        A client used again in a new event loop (a second ``asyncio.run()``)
+        with its own session opens a new one there: the old one, whose loop
+        has closed, is closed without touching that loop (Python may report
+        its pooled sockets as ``ResourceWarning: unclosed transport``; close
+        the client in each loop to avoid that).
+
+        Raises:
+            ClientClosedError: the client is closed, the session lent to it
+                is closed or belongs to another event loop, or its own session
+                belongs to another event loop that is still open.
+        """
+        loop = asyncio.get_running_loop()
+        old_loop = self._session_loop
+        if old_loop is not None and old_loop is not loop and not self._closed:
+            if not self._owns_session:
+                raise ClientClosedError(
+                    "the aiohttp session lent to this KommoClient belongs to another event "
+                    "loop: lend it a session created in this loop, or use one client per loop"
+                )
+            if not old_loop.is_closed():
+                raise ClientClosedError(
+                    "this KommoClient's session belongs to another event loop that is still "
+                    "open: close the client there first, or use one client per loop"
+                )
+            old, self._session, self._session_loop = self._session, None, None
+            if old is not None:
+                await old.close()  # its loop is closed: aiohttp leaves that loop alone
+        return self._session_or_raise()
 
     def _refuse_during_long_pause(self, method: str, url: str) -> None:
         """Raise if a server-given pause lasts longer than ``max_delay``: send nothing.
@@ -411,7 +468,12 @@ class KommoClient:
         success (the earlier attempt closed the talk), and a first-attempt
         422 raises :class:`TalkAlreadyClosedError`.
         """
-        self._session_or_raise()  # a closed client fails before anything, a token refresh too
+        # A closed client fails before anything, a token refresh too. The loop
+        # check is inline: a coroutine per request costs more than the check.
+        if self._session_loop is asyncio.get_running_loop():
+            self._session_or_raise()
+        else:  # first use, or a new event loop
+            await self._ready()
         policy = self.retry
         auth = self._auth
         static_token = self._static_token
@@ -431,15 +493,17 @@ class KommoClient:
             response, started = await self._exchange(method, url, body, headers, params, gate)
             if not isinstance(response, Response):
                 failure = response
-                retryable = self._triage(failure, method, url, started, attempt)
+                retryable = self._triage(failure, method, url, started, attempt, (token,))
                 # A failed connect sent nothing; anything later may have landed.
                 ambiguous = ambiguous or not isinstance(failure, aiohttp.ClientConnectorError)
                 if not retryable or attempt >= policy.max_attempts:
+                    # aiohttp's exception may hold the request, Authorization included.
+                    cause = redacted(failure, (token,))
                     raise TransportError(
-                        f"{method} {url} failed after {attempt} attempt(s): {_describe(failure)}",
+                        f"{method} {url} failed after {attempt} attempt(s): {_describe(cause)}",
                         request_method=method,
                         request_url=url,
-                    ) from failure
+                    ) from cause
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
                 continue
 
@@ -447,7 +511,8 @@ class KommoClient:
             self._log(method, url, status, started, attempt)
             if 200 <= status < 300:
                 return response
-            response.body = redact(response.body, (token,))  # an echo must not leak it
+            # An echo must not leak the token, not even a part of it at a cut.
+            response.body = redact(response.body, (token,), cut=not response.whole)
             if status == 422 and closing and ambiguous:
                 return response
             if status == 401 and not refreshed:
@@ -508,21 +573,44 @@ class KommoClient:
                     raise_for_status=False,
                     timeout=self._timeout,
                 ) as raw:
-                    answer = Response(raw.status, raw.headers, await raw.read(), method, url)
+                    limit = self._max_response_bytes
+                    if not 200 <= raw.status < 300:
+                        limit = min(limit, ERROR_BODY_READ_LIMIT)
+                    length = raw.content_length
+                    if length is not None and length <= limit and _ENCODING not in raw.headers:
+                        read, whole = await raw.read(), True  # a Talk: one read, as before
+                    else:
+                        read, whole = await _read_capped(raw, limit)
+                    answer = Response(raw.status, raw.headers, read, method, url, whole)
             except Exception as exc:
                 return exc, started
+            if not whole and 200 <= answer.status < 300:
+                raise DecodeError(
+                    f"{method} {url} returned {answer.status} with a body larger than "
+                    f"max_response_bytes ({self._max_response_bytes} bytes); "
+                    "it was not read further",
+                    status=answer.status,
+                )
             return answer, started
         finally:
             if slots is not None:
                 slots.release()
 
     def _triage(
-        self, failure: Exception, method: str, url: str, started: float, attempt: int
+        self,
+        failure: Exception,
+        method: str,
+        url: str,
+        started: float,
+        attempt: int,
+        secrets: Iterable[str],
     ) -> bool:
         """Log a request that failed on the wire; True if retrying it may help.
 
         Raises:
-            ClientClosedError: the client was closed while the request was in flight.
+            ClientClosedError: the client was closed while the request was in
+                flight (its cause is a stand-in for ``failure`` without
+                ``secrets``: see :func:`~kommo_talks.errors.redacted`).
             Exception: ``failure`` itself, when it is not a connection failure
                 (a bug). A connection failure that retrying cannot heal (TLS
                 verification) returns False: the caller ends it as its own error.
@@ -530,7 +618,7 @@ class KommoClient:
         if self._closed:
             raise ClientClosedError(
                 f"{method} {url}: the KommoClient was closed during the request"
-            ) from failure
+            ) from redacted(failure, secrets)
         retryable = is_retryable_exception(failure)
         if not retryable and not isinstance(failure, aiohttp.ClientError):
             raise failure
@@ -622,10 +710,11 @@ class KommoClient:
             TokenRefreshError: the endpoint refused (400/401, carrying the
                 problem's ``hint``), answered otherwise, or kept failing.
         """
-        self._session_or_raise()
+        await self._ready()
         policy = self.retry
         method, url = "POST", self._token_url
         data = orjson.dumps(dict(payload))
+        secrets = _secrets_of(payload)
         headers = {
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
@@ -637,12 +726,13 @@ class KommoClient:
             response, started = await self._exchange(method, url, data, headers)
             if not isinstance(response, Response):
                 failure = response
-                retryable = self._triage(failure, method, url, started, attempt)
+                retryable = self._triage(failure, method, url, started, attempt, secrets)
                 if not retryable or attempt >= policy.max_attempts:
+                    cause = redacted(failure, secrets)
                     raise TokenRefreshError(
                         f"the token endpoint could not be reached after {attempt} attempt(s): "
-                        f"{_describe(failure)}"
-                    ) from failure
+                        f"{_describe(cause)}"
+                    ) from cause
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
                 continue
             status = response.status
@@ -656,7 +746,7 @@ class KommoClient:
                         status=status,
                     )
                 return body
-            response.body = redact(response.body, _secrets_of(payload))
+            response.body = redact(response.body, secrets, cut=not response.whole)
             problem, text = parse_problem(response.content_type, response.body)
             if is_retryable_status(status):
                 # The server-given wait pauses the whole client even when this
@@ -669,6 +759,26 @@ class KommoClient:
                         await self._sleep(backoff_delay(policy, attempt, self._rng))
                     continue
             raise _token_error(status, problem, text, attempt)
+
+
+async def _read_capped(raw: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The body of ``raw`` (decompressed), at most ``limit`` bytes, and whether it is whole.
+
+    A body that would pass the limit is not read further and its connection
+    is dropped. aiohttp decompresses in bounded steps as the body is read,
+    so a compressed bomb costs no more memory than the limit.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    content = raw.content
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            chunks.append(chunk[: len(chunk) - (size - limit)])
+            raw.close()  # drop the connection: the rest is never read
+            return b"".join(chunks), False
+        chunks.append(chunk)
+    return b"".join(chunks), True
 
 
 def _connection_slots(

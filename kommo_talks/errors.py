@@ -8,6 +8,8 @@ one into an exception.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -20,12 +22,14 @@ __all__ = [
     "NotFoundError",
     "PaymentRequiredError",
     "RateLimitError",
+    "RedactedError",
     "ServerError",
     "TalkAlreadyClosedError",
     "TokenRefreshError",
     "TokenStoreError",
     "TransportError",
     "UnauthorizedError",
+    "redacted",
 ]
 
 
@@ -42,7 +46,10 @@ class APIError(KommoError):
             body, each ``None`` when absent (Kommo's 500 has no ``type``).
             For a body that is not JSON, ``detail`` holds at most its first
             500 characters.
-        problem: the parsed problem body, ``{}`` if there was none.
+        problem: the parsed problem body, ``{}`` if there was none; of a
+            body over 4 KiB, only its standard members (``type``, ``title``,
+            ``status``, ``detail``, ``instance``, ``hint``, ``retry_after``;
+            strings cut to 500 characters).
         request_method, request_url: the request that got this answer.
         request_id: the ``X-Request-Id`` response header, or ``None``.
     """
@@ -211,7 +218,11 @@ class ClientClosedError(KommoError):
 
     Raised by every call on a closed client, and by a call that was waiting
     (for a rate-limit slot, a backoff, a server-given pause) when the client
-    was closed. A batch stops at the first one.
+    was closed. Also raised, saying why, when the client cannot send from the
+    running event loop: the session lent to it belongs to another loop, or
+    its own session belongs to another loop that is still open. (A client
+    with its own session whose loop has ended, after ``asyncio.run()``, opens
+    a new session instead.) A batch stops at the first one.
     """
 
 
@@ -236,3 +247,79 @@ class DecodeError(KommoError):
         self.status = status
         self.path = path
         super().__init__(message)
+
+
+MIN_SECRET_LENGTH = 8
+"""Secrets shorter than this are not searched for: no real token is that short."""
+
+REDACTED = "[redacted]"
+_BEARER = re.compile(r"(Bearer\s+)[^\s'\"\\,;]+", re.IGNORECASE)
+_CAUSE_TEXT_LIMIT = 500
+_CAUSE_CHAIN_LIMIT = 8
+
+
+def redact_text(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret, and whatever follows ``Bearer``, replaced by ``[redacted]``."""
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET_LENGTH:
+            text = text.replace(secret, REDACTED)
+    return _BEARER.sub(rf"\g<1>{REDACTED}", text)
+
+
+class RedactedError(Exception):
+    """A stand-in for an exception from below the SDK (aiohttp's, say), cleaned of secrets.
+
+    The SDK chains it as ``__cause__`` instead of the original, whose ``repr``
+    may hold the request, ``Authorization`` header included. It keeps what a
+    person needs: its class is named like the original's (so
+    ``type(error.__cause__).__name__`` reads ``ClientConnectorError``),
+    ``original`` is the original's full class name, the message is the
+    original's with every known secret and bearer token replaced (at most
+    500 characters), and its own ``__cause__`` stands in for the original's
+    cause. A stand-in for a timeout is also a :class:`TimeoutError`.
+    """
+
+    def __init__(self, message: str, original: str = "") -> None:
+        self.original = original
+        super().__init__(message)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+
+_stand_in_classes: dict[type[BaseException], type[RedactedError]] = {}
+
+
+def _stand_in_class(original: type[BaseException]) -> type[RedactedError]:
+    cls = _stand_in_classes.get(original)
+    if cls is None:
+        bases: tuple[type, ...] = (RedactedError,)
+        if issubclass(original, TimeoutError):
+            bases = (RedactedError, TimeoutError)
+        name = original.__name__
+        cls = type(name, bases, {"__module__": __name__, "__qualname__": name})
+        _stand_in_classes[original] = cls
+    return cls
+
+
+def redacted(exc: BaseException, secrets: Iterable[str] = ()) -> RedactedError:
+    """A :class:`RedactedError` standing in for ``exc`` and the exceptions chained to it."""
+    secrets = tuple(secrets)
+    stand_in: RedactedError | None = None
+    first: RedactedError | None = None
+    current: BaseException | None = exc
+    for _ in range(_CAUSE_CHAIN_LIMIT):
+        if current is None:
+            break
+        original = type(current)
+        text = redact_text(str(current), secrets)[:_CAUSE_TEXT_LIMIT]
+        link = _stand_in_class(original)(text, f"{original.__module__}.{original.__qualname__}")
+        if stand_in is None:
+            first = link
+        else:
+            stand_in.__cause__ = link
+        stand_in = link
+        context = None if current.__suppress_context__ else current.__context__
+        current = current.__cause__ or context
+    assert first is not None
+    return first

@@ -18,6 +18,7 @@ import aiohttp
 import attrs
 
 __all__ = [
+    "MAX_SERVER_WAIT",
     "RETRYABLE_STATUSES",
     "RetryPolicy",
     "backoff_delay",
@@ -29,6 +30,12 @@ __all__ = [
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 """HTTP statuses that are retried. Every other 4xx is final."""
+
+MAX_SERVER_WAIT = 3600.0
+"""The longest server-given wait honoured, in seconds (Kommo documents 300 s).
+
+A longer one is cut to this, so that no answer can pause a client for ever.
+"""
 
 
 def _positive_int(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
@@ -84,8 +91,10 @@ def backoff_delay(policy: RetryPolicy, retry_number: int, rng: random.Random) ->
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Parse a ``Retry-After`` header: delay-seconds or an HTTP date.
 
-    Returns the wait in seconds (never negative), or ``None`` if the value is
-    absent or unreadable. ``now`` (UTC) is used for HTTP dates.
+    Returns the wait in seconds (finite, never negative), or ``None`` if the
+    value is absent or unreadable: anything that is not a finite,
+    non-negative number or a valid HTTP date (a date with an out-of-range
+    field included) counts as absent. ``now`` (UTC) is used for HTTP dates.
     """
     if value is None:
         return None
@@ -94,17 +103,13 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     # take other scripts' digits, and "²".isdigit() is true but float("²") raises.
     if not value or not value.isascii():
         return None
-    if value.isdigit():
-        return float(value)
     try:
-        seconds = float(value)
+        return _seconds(float(value))  # a 400-digit number parses as inf: absent
     except ValueError:
         pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # Overflow: a huge field
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -112,15 +117,18 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, (when - now).total_seconds())
 
 
+def _seconds(value: float) -> float | None:
+    return value if math.isfinite(value) and value >= 0 else None
+
+
 def _body_retry_after(problem: Mapping[str, Any]) -> float | None:
     value = problem.get("retry_after")
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
     try:
-        seconds = float(value)
+        return _seconds(float(value))
     except (ValueError, OverflowError):  # OverflowError: an int beyond the float range
         return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def server_wait(
@@ -133,12 +141,13 @@ def server_wait(
 
     The ``Retry-After`` header wins; for a 429 the problem body's
     ``retry_after`` field (Kommo documents ``"retry_after": 300``) is used
-    when there is no header.
+    when there is no readable header. A wait is capped at
+    :data:`MAX_SERVER_WAIT`; an unreadable one counts as absent.
     """
     wait = parse_retry_after(retry_after_header, now)
     if wait is None and status == 429:
         wait = _body_retry_after(problem)
-    return wait
+    return None if wait is None else min(wait, MAX_SERVER_WAIT)
 
 
 def is_retryable_exception(exc: BaseException) -> bool:

@@ -15,7 +15,15 @@ from kommo_talks import (
     TalkAlreadyClosedError,
     UnauthorizedError,
 )
-from kommo_talks.problems import error_class, is_block, make_api_error, parse_problem, redact
+from kommo_talks.problems import (
+    DETAIL_LIMIT,
+    KEPT_BODY_LIMIT,
+    error_class,
+    is_block,
+    make_api_error,
+    parse_problem,
+    redact,
+)
 
 KOMMO_500 = {
     "title": "ErrInternalServer",
@@ -150,3 +158,58 @@ def test_redact_replaces_real_secrets_and_leaves_short_strings_alone() -> None:
     assert redact(body, ["abcdef123456", "t", ""]) == (
         b'{"detail": "Authorization: Bearer [redacted] was not accepted", "status": 403}'
     )
+
+
+def test_redact_of_a_cut_body_hides_a_secret_cut_in_half() -> None:
+    secret = "SECRET-token-0123456789"
+    body = b"<html>you sent Bearer " + secret[:11].encode()
+
+    assert redact(body, [secret], cut=True) == b"<html>you sent Bearer [redacted]"
+    assert redact(body, [secret]) == body  # a whole body ends where the server ended it
+
+
+def test_a_problem_body_over_4_kib_keeps_its_standard_members_cut_short() -> None:
+    problem = {
+        "title": "Bad Request",
+        "type": "https://httpstatus.es/400",
+        "status": 400,
+        "detail": "x" * 9000,
+        "retry_after": 5,
+        "hint": None,
+        "validation_errors": [{"field": "talk_id"}] * 500,
+    }
+
+    kept, text = parse_problem("application/problem+json", orjson.dumps(problem))
+
+    assert text is None
+    assert kept == {
+        "title": "Bad Request",
+        "type": "https://httpstatus.es/400",
+        "status": 400,
+        "detail": "x" * DETAIL_LIMIT,
+        "retry_after": 5,
+    }
+    assert len(orjson.dumps(kept)) <= KEPT_BODY_LIMIT
+
+
+def test_a_problem_body_under_4_kib_is_kept_whole() -> None:
+    problem = {"title": "Bad Request", "validation_errors": [{"field": "talk_id"}] * 50}
+
+    kept, _ = parse_problem("application/problem+json", orjson.dumps(problem))
+
+    assert kept == problem
+
+
+def test_a_huge_page_gives_a_short_detail() -> None:
+    body = b"   \n<html>" + b"a" * (64 * 1024 * 1024)
+
+    problem, text = parse_problem("text/html", body)
+
+    assert problem == {}
+    assert text == ("<html>" + "a" * DETAIL_LIMIT)[:DETAIL_LIMIT]
+
+
+def test_a_json_problem_after_leading_whitespace_is_still_recognised() -> None:
+    body = b" " * 10_000 + orjson.dumps({"title": "Forbidden"})
+
+    assert not is_block(403, "text/plain", body)

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from loopback import answering_everything, serving
@@ -35,6 +34,7 @@ from kommo_talks import (
     TransportError,
     UnauthorizedError,
 )
+from kommo_talks.errors import RedactedError
 from kommo_talks.testing import FakeKommo, Fault
 
 if TYPE_CHECKING:
@@ -259,7 +259,8 @@ async def test_exhausted_drops_on_post_raise_transport_error(
 
     error = caught.value
     assert (error.request_method, error.request_url) == ("POST", f"{fake.url}/api/v4/talks/6/close")
-    assert isinstance(error.__cause__, aiohttp.ClientError)
+    assert isinstance(error.__cause__, RedactedError)  # aiohttp's error, without the request
+    assert error.__cause__.original.startswith("aiohttp.client_exceptions.")
     assert "5 attempt(s)" in str(error)
     assert attempts(fake, "close") == 5  # aiohttp never re-sends a POST itself
     assert fake.is_open(6)
@@ -577,6 +578,51 @@ async def test_unreadable_retry_after_falls_back_to_backoff(fake_clock: FakeCloc
     assert len(fake_clock.sleeps) == 2
     for slept, cap in zip(fake_clock.sleeps, backoff_caps(2), strict=True):
         assert 0.0 <= slept <= cap
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param("Wed, 21 Oct 99999999999999999999 07:28:00 GMT", id="date-huge-year"),
+        pytest.param("9" * 400, id="400-digit-number"),
+    ],
+)
+async def test_a_hostile_retry_after_is_ignored_and_the_client_keeps_working(
+    fake_clock: FakeClock, header: str
+) -> None:
+    answers = [
+        web.Response(status=503, headers={"Retry-After": header}),
+        web.Response(status=503, headers={"Retry-After": header}),
+        web.Response(status=202),
+    ]
+    async with (
+        scripted_server(answers) as url,
+        clocked_client(url, fake_clock) as client,
+    ):
+        assert await client.close_talk(1, force=True) is None
+
+    assert len(fake_clock.sleeps) == 2  # ordinary backoffs, no server-given pause
+    for slept, cap in zip(fake_clock.sleeps, backoff_caps(2), strict=True):
+        assert 0.0 <= slept <= cap
+
+
+async def test_a_day_long_retry_after_pauses_the_client_for_an_hour_at_most(
+    fake_clock: FakeClock,
+) -> None:
+    answers = [
+        web.Response(status=429, headers={"Retry-After": "86400"}),
+        web.Response(status=202),
+    ]
+    async with (
+        scripted_server(answers) as url,
+        clocked_client(url, fake_clock) as client,
+    ):
+        with pytest.raises(RateLimitError) as caught:
+            await client.close_talk(1, force=True)
+        assert caught.value.retry_after == 3600.0
+
+        fake_clock.time += 3600.0
+        assert await client.close_talk(1, force=True) is None
 
 
 # -- the client-wide pause ------------------------------------------------------------------

@@ -17,6 +17,7 @@ from aiohttp.client_reqrep import ConnectionKey
 
 from kommo_talks import RetryPolicy
 from kommo_talks.retry import (
+    MAX_SERVER_WAIT,
     backoff_delay,
     is_retryable_exception,
     is_retryable_status,
@@ -192,6 +193,49 @@ def test_retry_after_date_in_the_past_means_no_wait() -> None:
 )
 def test_unreadable_or_negative_retry_after_is_ignored(header: str | None) -> None:
     assert parse_retry_after(header, NOW) is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param("9" * 400, id="400-digit-number"),
+        pytest.param("9" * 5000, id="5000-digit-number"),
+        pytest.param("Wed, 21 Oct 99999999999999999999 07:28:00 GMT", id="huge-year"),
+        pytest.param("Wed, 99999999999 Oct 2015 07:28:00 GMT", id="huge-day"),
+        pytest.param("Wed, 21 Oct 2015 99999999999999999999:28:00 GMT", id="huge-hour"),
+        pytest.param("Wed, 21 Oct 2015 07:28:00 +99999999999999", id="huge-zone"),
+        pytest.param("1e308" + "0" * 10, id="float-overflow"),
+    ],
+)
+def test_hostile_retry_after_counts_as_absent_and_never_raises(header: str) -> None:
+    assert parse_retry_after(header, NOW) is None
+    assert server_wait(503, header, {}, NOW) is None
+    assert server_wait(429, header, {"retry_after": 7}, NOW) == 7.0  # the body is used instead
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "expected"),
+    [
+        ("3600", {}, 3600.0),
+        ("3601", {}, MAX_SERVER_WAIT),
+        ("86400", {}, MAX_SERVER_WAIT),
+        ("1e300", {}, MAX_SERVER_WAIT),
+        (None, {"retry_after": 10**6}, MAX_SERVER_WAIT),
+        (None, {"retry_after": "99999999"}, MAX_SERVER_WAIT),
+        (None, {"retry_after": 300}, 300.0),
+    ],
+)
+def test_a_server_given_wait_is_capped_at_an_hour(
+    header: str | None, body: dict[str, object], expected: float
+) -> None:
+    assert MAX_SERVER_WAIT == 3600.0
+    assert server_wait(429, header, body, NOW) == expected
+
+
+def test_a_far_http_date_is_capped_at_an_hour() -> None:
+    header = http_date(NOW + timedelta(days=3000))
+
+    assert server_wait(503, header, {}, NOW) == MAX_SERVER_WAIT
 
 
 # -- server_wait: header or 429 body ----------------------------------------------
