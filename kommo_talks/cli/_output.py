@@ -307,7 +307,7 @@ def talk_table(talk: Talk) -> Table:
         ("updated_at", talk.updated_at.isoformat()),
         ("missed_at", talk.missed_at.isoformat() if talk.missed_at else "-"),
         ("origin", talk.origin),
-        ("chat_id", talk.chat_id),
+        ("chat_id", talk.chat_id or "-"),
         ("contact_id", str(talk.contact_id)),
         ("entity", entity),
         ("rate", str(talk.rate)),
