@@ -55,7 +55,7 @@ class TalkEvent:
         return self.action == "update" and not self.is_in_work
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen
 class Attachment:
     """A file attached to a chat message (``attachment[type|link|file_name]``).
 
