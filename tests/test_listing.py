@@ -100,6 +100,10 @@ async def test_a_list_page_without_missed_at_decodes() -> None:
         _, page = await raw_get(fake, "/api/v4/talks", {})
 
     assert all("missed_at" not in item for item in page["_embedded"]["talks"])
+    single = fake.payload(2)  # GET by ID keeps the documented shape
+    assert "missed_at" in single
+    assert "status" not in single
+    assert "source_id" not in single
     assert [(t.talk_id, t.status, t.source_id, t.missed_at) for t in listed] == [
         (1, "in_work", None, None),
         (2, "closed", 5501, None),

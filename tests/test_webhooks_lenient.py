@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 from urllib.parse import quote_plus
 
+import attrs
 import pytest
 
 from kommo_talks.errors import DecodeError
@@ -335,10 +337,13 @@ def test_lenient_parse_of_a_good_body_is_the_strict_parse() -> None:
     assert parse_webhook(body).invalid == ()
 
 
-def test_invalid_event_is_frozen_and_its_fields_are_read_only() -> None:
+def test_invalid_event_is_frozen_and_can_be_kept() -> None:
     (invalid,) = parse_webhook("talk[add][0][talk_id]=1", strict=False).invalid
 
     assert isinstance(invalid, InvalidEvent)
-    with pytest.raises(TypeError):
-        invalid.fields["talk_id"] = "2"  # type: ignore[index]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        invalid.index = 2  # type: ignore[misc]
+    kept = pickle.loads(pickle.dumps(invalid))  # noqa: S301 (our own bytes, e.g. a dead-letter store)
+    assert (kept.section, kept.index, dict(kept.fields)) == ("talk[add]", 0, {"talk_id": "1"})
+    assert (str(kept.error), kept.error.path) == (str(invalid.error), invalid.error.path)
     assert isinstance(Webhook().invalid, tuple)

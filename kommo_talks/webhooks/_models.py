@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from types import MappingProxyType
 from typing import TypeAlias
 
 import attrs
@@ -113,8 +112,8 @@ WebhookEvent: TypeAlias = TalkEvent | MessageEvent
 """One event of a delivery: a :class:`TalkEvent` or a :class:`MessageEvent`."""
 
 
-def _frozen_fields(fields: Mapping[str, str]) -> Mapping[str, str]:
-    return MappingProxyType(dict(fields))
+def _copy_fields(fields: Mapping[str, str]) -> dict[str, str]:
+    return dict(fields)
 
 
 @attrs.frozen(kw_only=True)
@@ -130,13 +129,14 @@ class InvalidEvent:
         error: why it was refused; ``error.path`` is the offending form key.
         fields: the event's raw form values, keyed by its own field names
             (``"talk_id"``, ``"author[type]"``); for a malformed key, the
-            whole key. Keep them to replay the event by hand.
+            whole key. A copy of its own: keep it (or pickle the event) to
+            look into it or replay the event by hand.
     """
 
     section: str
     index: int | None
     error: DecodeError
-    fields: Mapping[str, str] = attrs.field(converter=_frozen_fields, factory=dict)
+    fields: Mapping[str, str] = attrs.field(converter=_copy_fields, factory=dict)
 
 
 @attrs.frozen(kw_only=True)
