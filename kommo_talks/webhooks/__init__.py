@@ -13,7 +13,8 @@ disconnected" hook.
 Closing a talk shows up as a ``talk[update]`` whose ``is_in_work`` is ``"0"``:
 ``event.closed`` tells you so. A manager's message arrives in its own
 ``outgoing_message[add]`` section, as a :class:`MessageEvent` whose
-``direction`` is ``"outgoing"``.
+``direction`` is ``"outgoing"`` (that section's shape comes from other
+clients and logged deliveries; it is unconfirmed by an official Kommo page).
 """
 
 from __future__ import annotations

@@ -83,6 +83,10 @@ class MessageEvent:
     fields are ``None`` when Kommo sent them empty or not at all; a
     ``talk_id`` is from 1 to 2**63-1. ``account_id`` and ``subdomain`` are
     the delivery's account.
+
+    The ``outgoing_message[add]`` section (Kommo's ``add_outgoing_message``
+    event) is read as other clients and logged deliveries show it; no
+    official Kommo page we could read documents its body (unconfirmed).
     """
 
     message_id: str
