@@ -347,3 +347,19 @@ def test_invalid_event_is_frozen_and_can_be_kept() -> None:
     assert (kept.section, kept.index, dict(kept.fields)) == ("talk[add]", 0, {"talk_id": "1"})
     assert (str(kept.error), kept.error.path) == (str(invalid.error), invalid.error.path)
     assert isinstance(Webhook().invalid, tuple)
+
+
+def test_key_that_is_not_utf8_is_invalid_in_a_modelled_section_and_ignored_elsewhere() -> None:
+    body = f"talk%5Badd%5D%5B0%5D%5B%FF%5D=1&%FF=2&talk[update][x][talk_id]=&{GOOD_TALK}"
+
+    webhook = parse_webhook(body, strict=False)
+
+    assert [e.talk_id for e in webhook.events] == [117]
+    assert [(i.section, i.index) for i in webhook.invalid] == [
+        ("talk[add]", None),
+        ("talk[update]", None),
+    ]
+    assert "UTF-8" in str(webhook.invalid[0].error)
+    assert "index" in str(webhook.invalid[1].error)
+    with pytest.raises(DecodeError, match="UTF-8"):
+        parse_webhook(body)

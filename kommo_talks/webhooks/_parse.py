@@ -199,26 +199,33 @@ class _Section:
     fields: dict[str, str]  # wire field -> attribute
     structure: Callable[[dict[str, Any], Any], WebhookEvent]
     cls: type[WebhookEvent]
-    defaults: dict[str, str]  # attribute -> value when the event has none
+    fixed: dict[str, str]  # attribute -> value the parser sets (a talk event's action)
+    defaults: dict[str, str]  # attribute -> value when a message has none
     # attribute -> wire field (with its closing bracket), for the keys errors name
     wire: dict[str, str] = attrs.field(init=False)
+    messages: bool = attrs.field(init=False)  # a section of messages
 
     @wire.default
     def _wire(self) -> dict[str, str]:
         return {name: wire for wire, name in self.fields.items()} | {"attachment": "attachment]"}
 
+    @messages.default
+    def _messages(self) -> bool:
+        return self.cls is MessageEvent
+
 
 # In the order their events are delivered: talk[add], talk[update],
 # message[add], outgoing_message[add].
 _SECTIONS = (
-    _Section("talk[add]", _TALK_FIELDS, _structure_talk, TalkEvent, {"action": "add"}),
-    _Section("talk[update]", _TALK_FIELDS, _structure_talk, TalkEvent, {"action": "update"}),
-    _Section("message[add]", _MESSAGE_FIELDS, _structure_message, MessageEvent, {}),
+    _Section("talk[add]", _TALK_FIELDS, _structure_talk, TalkEvent, {"action": "add"}, {}),
+    _Section("talk[update]", _TALK_FIELDS, _structure_talk, TalkEvent, {"action": "update"}, {}),
+    _Section("message[add]", _MESSAGE_FIELDS, _structure_message, MessageEvent, {}, {}),
     _Section(
         "outgoing_message[add]",
         _MESSAGE_FIELDS,
         _structure_message,
         MessageEvent,
+        {},
         {"direction": "outgoing"},
     ),
 )
@@ -266,7 +273,7 @@ def parse_webhook(
         TypeError: ``body`` is none of the types above.
     """
     source, groups = _read(body, max_fields)
-    return _Builder(source, strict).build(groups)
+    return _build(groups, source, strict)
 
 
 def _read(body: object, max_fields: int) -> tuple[str | Mapping[str, Any], _Groups]:
@@ -297,11 +304,10 @@ def _too_many(max_fields: int) -> DecodeError:
 
 # index -> {attribute name: value}; values are str until the builder adds the account.
 _Events = dict[str, dict[str, Any]]
-# The malformed keys of modelled sections: {decoded key: (reason, value)}.
-_Malformed = dict[str, tuple[str, str]]
-# The event sections in order, then the account's {form key: value} at index "";
-# and the malformed keys.
-_Groups = tuple[list[_Events], _Malformed]
+# The event sections in order, then the account's {form key: value} at index "",
+# then the malformed keys of modelled sections: {decoded key: {reason: value}}
+# ({} for an empty value: the reason is worked out again, see _reason).
+_Groups = list[_Events]
 # What a form key holds: (section number, event index, attribute, the decoded
 # key, for error messages); for a malformed key (_MALFORMED, decoded key,
 # reason, decoded key); the empty tuple for a key to ignore.
@@ -377,8 +383,7 @@ def _group_text(text: str) -> _Groups:
     keys as they come on the wire, ``unquote_plus`` only for values holding
     ``%`` or ``+``, and values of ignored fields are never decoded.
     """
-    groups: list[_Events] = [{}, {}, {}, {}, {}]
-    malformed: _Malformed = {}
+    groups: _Groups = [{}, {}, {}, {}, {}, {}]
     specs = _WIRE_KEYS
     for pair in text.split("&"):
         key, _, value = pair.partition("=")
@@ -386,9 +391,6 @@ def _group_text(text: str) -> _Groups:
         if not spec:
             continue
         number, index, name, _ = spec
-        if number == _MALFORMED:
-            malformed[index] = (name, unquote_plus(value))
-            continue
         if not value:  # absent; the event still exists, to be checked for its required fields
             groups[number].setdefault(index, {})
             continue
@@ -403,13 +405,12 @@ def _group_text(text: str) -> _Groups:
             section[index] = {name: value}
         else:
             event[name] = value
-    return groups, malformed
+    return groups
 
 
 def _group_items(items: Iterable[tuple[Any, Any]]) -> _Groups:
     """:func:`_group_text` for keys and values that are already decoded."""
-    groups: list[_Events] = [{}, {}, {}, {}, {}]
-    malformed: _Malformed = {}
+    groups: _Groups = [{}, {}, {}, {}, {}, {}]
     specs = _DECODED_KEYS
     for key, value in items:
         if type(key) is not str:
@@ -422,105 +423,113 @@ def _group_items(items: Iterable[tuple[Any, Any]]) -> _Groups:
                 f"{key}: expected a string value, got {type(value).__name__}", path=key
             )
         number, index, name, _ = spec
-        if number == _MALFORMED:
-            malformed[index] = (name, value)
-            continue
         event = groups[number].setdefault(index, {})
         if value:  # an empty value counts as absent
             event[name] = value
-    return groups, malformed
+    return groups
 
 
-class _Builder:
-    """Builds a :class:`Webhook` from grouped values: checked events, and what failed.
+# What a failed check needs: the body (to read an invalid event's fields
+# again), strict (raise at once), and the invalid events found so far.
+_Context = tuple[str | Mapping[str, Any], bool, list[InvalidEvent]]
+
+
+def _build(groups: _Groups, source: str | Mapping[str, Any], strict: bool) -> Webhook:
+    """A :class:`Webhook` from grouped values: the checked events, and what failed.
 
     With ``strict`` the first failure raises; otherwise each one becomes an
     :class:`InvalidEvent` whose raw fields are read again from ``source``
     (only then: the hot path keeps the known fields only).
     """
-
-    def __init__(self, source: str | Mapping[str, Any], strict: bool) -> None:
-        self._source = source
-        self._strict = strict
-        self._invalid: list[InvalidEvent] = []
-
-    def build(self, groups: _Groups) -> Webhook:
-        sections, malformed = groups
-        for key, (reason, value) in malformed.items():
-            self._refuse_key(key, reason, value)
-        account = sections[_ACCOUNT]
-        account_id, subdomain = self._account(account[""]) if account else (None, None)
-        events: list[WebhookEvent] = []
-        for number, section in enumerate(_SECTIONS):
-            events_by_index = sections[number]
-            if not events_by_index:
-                continue
-            for index in _in_order(events_by_index):
-                values = _prepared(section, events_by_index[index], account_id, subdomain)
-                try:
-                    events.append(section.structure(values, section.cls))
-                except cattrs.ClassValidationError as exc:
-                    error = _field_error(exc, f"{section.name}[{index}]", section.wire)
-                    self._refuse(section.name, int(index), error)
-        return Webhook(
-            account_id=account_id,
-            subdomain=subdomain,
-            events=tuple(events),
-            invalid=tuple(self._invalid),
-        )
-
-    def _account(self, values: dict[str, Any]) -> tuple[int | None, str | None]:
-        account_id = None
-        raw_id = values.get("account[id]")
-        if raw_id is not None:
+    invalid: list[InvalidEvent] = []
+    context = (source, strict, invalid)
+    for key, entry in groups[_MALFORMED].items():
+        reason, value = next(iter(entry.items())) if entry else (_reason(key), "")
+        _refuse_key(context, key, reason, value)
+    account = groups[_ACCOUNT]
+    account_id, subdomain = _account(context, account[""]) if account else (None, None)
+    events: list[WebhookEvent] = []
+    for number, section in enumerate(_SECTIONS):
+        events_by_index = groups[number]
+        if not events_by_index:
+            continue
+        for index in _in_order(events_by_index):
+            values = events_by_index[index]
+            values.update(section.fixed)  # never from the wire: a talk event's action
+            values["account_id"] = account_id
+            values["subdomain"] = subdomain
+            if section.messages:
+                _complete_message(section, values)
             try:
-                account_id = _structure_id(raw_id)
-            except (TypeError, ValueError) as exc:
-                self._refuse(
-                    "account", None, DecodeError(f"account[id]: {exc}", path="account[id]")
-                )
-        subdomain = values.get("account[subdomain]")
-        if isinstance(subdomain, _Undecodable):
-            path = "account[subdomain]"
-            self._refuse("account", None, DecodeError(f"{path}: {_NOT_UTF8}", path=path))
-            subdomain = None
-        return account_id, subdomain
-
-    def _refuse_key(self, key: str, reason: str, value: str) -> None:
-        error = DecodeError(f"{key}: {reason}", path=key)
-        if self._strict:
-            raise error
-        # A key that is not even UTF-8 counts only if it names a modelled section.
-        readable = unquote_plus(key) if reason is _NOT_UTF8 else key
-        for prefix, _ in _PREFIXES:
-            if readable.startswith(prefix):
-                self._invalid.append(
-                    InvalidEvent(section=prefix[:-1], index=None, error=error, fields={key: value})
-                )
-                return
-
-    def _refuse(self, section: str, index: int | None, error: DecodeError) -> None:
-        if self._strict:
-            raise error
-        prefix = "account[" if index is None else f"{section}[{index}]["
-        fields = _event_fields(self._source, prefix)
-        self._invalid.append(InvalidEvent(section=section, index=index, error=error, fields=fields))
+                events.append(section.structure(values, section.cls))
+            except cattrs.ClassValidationError as exc:
+                error = _field_error(exc, f"{section.name}[{index}]", section.wire)
+                _refuse(context, section.name, int(index), error)
+    return Webhook(
+        account_id=account_id, subdomain=subdomain, events=tuple(events), invalid=tuple(invalid)
+    )
 
 
-def _prepared(
-    section: _Section, values: dict[str, Any], account_id: int | None, subdomain: str | None
-) -> dict[str, Any]:
-    """An event's values with what the parser adds: defaults, the account, the attachment."""
-    if section.defaults:
-        for name, default in section.defaults.items():
-            values.setdefault(name, default)
-    if section.cls is MessageEvent and not values.keys().isdisjoint(_ATTACHMENT):
+def _account(context: _Context, values: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The delivery's ``account[id]`` and ``account[subdomain]``; ``None`` for a bad one."""
+    account_id = None
+    raw_id = values.get("account[id]")
+    if raw_id is not None:
+        try:
+            account_id = _structure_id(raw_id)
+        except (TypeError, ValueError) as exc:
+            error = DecodeError(f"account[id]: {exc}", path="account[id]")
+            _refuse(context, "account", None, error)
+    subdomain = values.get("account[subdomain]")
+    if isinstance(subdomain, _Undecodable):
+        path = "account[subdomain]"
+        _refuse(context, "account", None, DecodeError(f"{path}: {_NOT_UTF8}", path=path))
+        subdomain = None
+    return account_id, subdomain
+
+
+def _refuse_key(context: _Context, key: str, reason: str, value: str) -> None:
+    """A malformed key: raise, or an :class:`InvalidEvent` if it names a modelled section."""
+    _, strict, invalid = context
+    error = DecodeError(f"{key}: {reason}", path=key)
+    if strict:
+        raise error
+    # A key that is not even UTF-8 counts only if it names a modelled section.
+    readable = unquote_plus(key) if reason is _NOT_UTF8 else key
+    for prefix, _ in _PREFIXES:
+        if readable.startswith(prefix):
+            # The value went through the strict decoding of modelled values.
+            fields = {key: str.__str__(value)}
+            invalid.append(
+                InvalidEvent(section=prefix[:-1], index=None, error=error, fields=fields)
+            )
+            return
+
+
+def _refuse(context: _Context, section: str, index: int | None, error: DecodeError) -> None:
+    """A failed event (or account): raise, or an :class:`InvalidEvent` with its raw fields."""
+    source, strict, invalid = context
+    if strict:
+        raise error
+    prefix = "account[" if index is None else f"{section}[{index}]["
+    fields = _event_fields(source, prefix)
+    invalid.append(InvalidEvent(section=section, index=index, error=error, fields=fields))
+
+
+def _complete_message(section: _Section, values: dict[str, Any]) -> None:
+    """A message's ``direction`` when it has none, and its ``attachment[...]`` gathered."""
+    for name, default in section.defaults.items():
+        values.setdefault(name, default)
+    if not values.keys().isdisjoint(_ATTACHMENT):
         values["attachment"] = {
             field: values.pop(name) for name, field in _ATTACHMENT.items() if name in values
         }
-    values["account_id"] = account_id
-    values["subdomain"] = subdomain
-    return values
+
+
+def _reason(key: str) -> str:
+    """Why a key is malformed (its reason stays in the groups only beside a value)."""
+    spec = _classify(key)
+    return spec[2] if spec and spec[0] == _MALFORMED else _NOT_UTF8
 
 
 def _event_fields(source: str | Mapping[str, Any], prefix: str) -> dict[str, str]:
