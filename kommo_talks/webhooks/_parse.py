@@ -266,10 +266,12 @@ def parse_webhook(
     Raises:
         DecodeError: with ``path`` set to the offending form key (e.g.
             ``"talk[update][0][talk_id]"``) for a failed event when
-            ``strict``; whatever ``strict`` says (``path`` ``None``), for a
-            body that is not UTF-8 or that has more than ``max_fields``
-            fields (counted by their ``&`` separators, before anything else
-            is done), or a mapping whose keys or values are not strings.
+            ``strict``. Whatever ``strict`` says, for a body that is not a
+            form: not UTF-8, or with more than ``max_fields`` fields
+            (counted by their ``&`` separators, before anything else is
+            done), or a mapping whose keys are not strings (``path``
+            ``None``), or whose values of modelled fields are not (``path``
+            names the key).
         TypeError: ``body`` is none of the types above.
     """
     source, groups = _read(body, max_fields)
