@@ -1,20 +1,25 @@
 """A Kommo bot that closes a talk when ``#done`` is written in it.
 
 A manager finishes a conversation by writing ``#done``; the bot hears the
-message through Kommo's account webhook and closes the talk with
-``force_close`` (no NPS bot). Whether Kommo sends a manager's *outgoing*
-messages through the ``message[add]`` webhook is not confirmed, so by default
-the bot also accepts an incoming ``#done`` (a customer's), which Kommo does
-send: set ``BOT_ACCEPT_INCOMING=0`` to react to managers only.
+message through Kommo's account webhook (a manager's message arrives in the
+``outgoing_message[add]`` section of the ``add_outgoing_message`` event,
+parsed as a ``MessageEvent`` whose ``direction`` is ``"outgoing"``) and
+closes the talk with ``force_close`` (no NPS bot). That section's shape is
+documented by other clients, not by a Kommo page we could read, so by
+default the bot also accepts an incoming ``#done`` (a customer's, from the
+documented ``message[add]``): set ``BOT_ACCEPT_INCOMING=0`` to react to
+managers only.
 
 Run it::
 
     KOMMO_BASE_URL=https://example.kommo.com KOMMO_TOKEN=<long-lived token> \\
     BOT_SECRET=<a long random string> PORT=8080 python examples/close_on_done_bot.py
 
-then, in Kommo, add a webhook for "incoming message received" and "talk
-edited" pointing at ``https://<your host>/kommo/webhook?secret=<BOT_SECRET>``
-(behind an HTTPS reverse proxy: the secret travels in the URL).
+then, in Kommo, add a webhook for "incoming message received", "outgoing
+message" and "talk edited" pointing at
+``https://<your host>/kommo/webhook/?secret=<BOT_SECRET>`` (behind an HTTPS
+reverse proxy: the secret travels in the URL; the path is served with and
+without its trailing slash, which Kommo may insist on).
 
 Tests (and your own experiments) call :func:`make_app` with a client factory
 that points at ``kommo_talks.testing.FakeKommo``.
@@ -146,7 +151,7 @@ def main() -> None:
 
     app = make_app(client_factory, secret=settings.secret, accept_incoming=settings.accept_incoming)
     log.info(
-        "serving %s on port %d; register https://<this host>%s?secret=<BOT_SECRET> in Kommo",
+        "serving %s on port %d; register https://<this host>%s/?secret=<BOT_SECRET> in Kommo",
         WEBHOOK_PATH,
         settings.port,
         WEBHOOK_PATH,

@@ -121,6 +121,9 @@ _OVERRIDES: dict[type[Any], dict[str, Any]] = {
     Talk: {
         "embedded": override(rename="_embedded", struct_hook=_structure_embedded),
         "self_url": _self_url,
+        # Only list items carry them: a single talk unstructures to its documented JSON.
+        "status": override(omit_if_default=True),
+        "source_id": override(omit_if_default=True),
     },
 }
 
@@ -206,6 +209,21 @@ def _fast_self_href(data: dict[str, Any]) -> str | None:
     return _structure_self_href(links, None)
 
 
+def _fast_embedded(embedded: Any) -> TalkEmbedded:
+    if embedded is None:
+        return _NO_EMBEDDED
+    if type(embedded) is not dict:
+        raise _Unusual
+    contacts = embedded.get("contacts", _MISSING)
+    leads = embedded.get("leads", _MISSING)
+    customers = embedded.get("customers", _MISSING)
+    return TalkEmbedded(
+        () if contacts is _MISSING else _fast_refs(contacts),
+        () if leads is _MISSING else _fast_refs(leads),
+        () if customers is _MISSING else _fast_refs(customers),
+    )
+
+
 def _fast_talk(data: Any) -> Talk:
     if type(data) is not dict:
         raise _Unusual
@@ -220,15 +238,17 @@ def _fast_talk(data: Any) -> Talk:
     is_in_work = data["is_in_work"]
     is_read = data["is_read"]
     origin = data["origin"]
-    missed_at = data["missed_at"]
+    missed_at = data.get("missed_at")
     account_id = data["account_id"]
+    status = data.get("status")
+    source_id = data.get("source_id")
     if (
         type(talk_id) is not int
         or type(created_at) is not int
         or type(updated_at) is not int
         or type(rate) is not int
         or type(contact_id) is not int
-        or type(chat_id) is not str
+        or (chat_id is not None and type(chat_id) is not str)
         or (entity_id is not None and type(entity_id) is not int)
         or (entity_type is not None and type(entity_type) is not str)
         or type(is_in_work) is not bool
@@ -236,22 +256,11 @@ def _fast_talk(data: Any) -> Talk:
         or type(origin) is not str
         or (missed_at is not None and type(missed_at) is not int)
         or type(account_id) is not int
+        or (status is not None and type(status) is not str)
+        or (source_id is not None and type(source_id) is not int)
     ):
         raise _Unusual
-    embedded = data.get("_embedded", _MISSING)
-    if embedded is _MISSING or embedded is None:
-        embedded = _NO_EMBEDDED
-    elif type(embedded) is dict:
-        contacts = embedded.get("contacts", _MISSING)
-        leads = embedded.get("leads", _MISSING)
-        customers = embedded.get("customers", _MISSING)
-        embedded = TalkEmbedded(
-            () if contacts is _MISSING else _fast_refs(contacts),
-            () if leads is _MISSING else _fast_refs(leads),
-            () if customers is _MISSING else _fast_refs(customers),
-        )
-    else:
-        raise _Unusual
+    embedded = _fast_embedded(data.get("_embedded"))
     return Talk(
         talk_id,
         _from_timestamp(created_at, UTC),
@@ -264,10 +273,12 @@ def _fast_talk(data: Any) -> Talk:
         is_in_work,
         is_read,
         origin,
-        None if missed_at is None else _from_timestamp(missed_at, UTC),
         account_id,
         embedded,
         _fast_self_href(data),
+        status,
+        source_id,
+        missed_at=None if missed_at is None else _from_timestamp(missed_at, UTC),
     )
 
 

@@ -85,8 +85,11 @@ def encode_filter(filter: Mapping[str, Any] | None) -> list[tuple[str, str]]:
 
     A scalar gives ``("filter[KEY]", VALUE)``; a list, tuple or set gives
     ``("filter[KEY][]", V)`` once per value (a set in a stable, sorted
-    order); ``True``/``False`` become ``"1"``/``"0"``. Keys and values are
-    passed through otherwise unchanged: Kommo's filter keys are not checked.
+    order); ``True``/``False`` become ``"1"``/``"0"``, except for
+    ``only_in_work``, a flag Kommo turns on by the key's presence: ``True``
+    sends ``filter[only_in_work]=1`` and ``False`` sends no key at all. Keys
+    and values are passed through otherwise unchanged: Kommo's filter keys
+    are not checked.
 
     Raises:
         ValueError: ``filter`` is not a mapping, a key is not a non-empty
@@ -111,7 +114,7 @@ def encode_filter(filter: Mapping[str, Any] | None) -> list[tuple[str, str]]:
             if isinstance(value, Set):
                 encoded.sort()
             pairs.extend((f"filter[{key}][]", item) for item in encoded)
-        else:
+        elif not (key == "only_in_work" and value is False):  # on by presence: leave it out
             pairs.append((f"filter[{key}]", _encode_value(key, value)))
     return pairs
 

@@ -40,11 +40,17 @@ class TalkEmbedded:
 
 @attrs.frozen
 class Talk:
-    """A Kommo talk (conversation), as ``GET /api/v4/talks/{id}`` returns it.
+    """A Kommo talk (conversation), as ``GET /api/v4/talks/{id}`` or the talks list returns it.
 
     Timestamps are timezone-aware UTC datetimes. ``is_in_work`` is true while
     the talk is open. ``entity_type`` is ``"lead"``, ``"customer"``, or a value
     Kommo adds later. ``self_url`` comes from ``_links.self.href``.
+
+    The two shapes differ: list items carry ``status`` (``"in_work"``,
+    ``"closed"``, ``"nps_scheduled"``, ``"nps_in_progress"``,
+    ``"with_error"``, or a value Kommo adds later) and ``source_id`` but no
+    ``missed_at``; a single talk has ``missed_at`` but neither of the
+    others. A field its shape leaves out is ``None``.
     """
 
     talk_id: int
@@ -52,16 +58,18 @@ class Talk:
     updated_at: datetime
     rate: int
     contact_id: int
-    chat_id: str
+    chat_id: str | None
     entity_id: int | None
     entity_type: str | None
     is_in_work: bool
     is_read: bool
     origin: str
-    missed_at: datetime | None
+    missed_at: datetime | None = attrs.field(default=None, kw_only=True)
     account_id: int
     embedded: TalkEmbedded = attrs.Factory(TalkEmbedded)
     self_url: str | None = None
+    status: str | None = None
+    source_id: int | None = None
 
 
 class CloseStatus(enum.StrEnum):

@@ -125,6 +125,7 @@ async def test_a_managers_done_closes_the_talk_and_the_update_comes_back(
     await fake.webhooks_idle()
     kinds = [type(parse(d.body)).__name__ for d in fake.webhook_deliveries]
     assert kinds == ["MessageEvent", "TalkEvent"]
+    assert b"outgoing_message%5Badd%5D%5B0%5D%5Btext%5D=" in fake.webhook_deliveries[0].body
     assert all(d.status == 200 for d in fake.webhook_deliveries)
     assert "closed talk 7 on an outgoing #done" in caplog.text
     assert "Kommo reports talk 7 closed" in caplog.text

@@ -283,7 +283,7 @@ async def test_unreadable_success_body_raises_decode_error(
         (lambda talk: talk.pop("talk_id"), "talk_id"),
         (lambda talk: talk.update(talk_id="5"), "talk_id"),
         (lambda talk: talk.update(is_in_work="false"), "is_in_work"),
-        (lambda talk: talk.update(chat_id=None), "chat_id"),
+        (lambda talk: talk.update(chat_id=5), "chat_id"),
         (lambda talk: talk.update(created_at="yesterday"), "created_at"),
         (lambda talk: talk.update(rate=True), "rate"),
     ],

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import cattrs
 import pytest
 
 from kommo_talks import EntityRef, Talk, TalkEmbedded, converter
-from kommo_talks.converter import describe_validation_error, structure_talk, structure_talks
+from kommo_talks.converter import (
+    _fast_talk,
+    describe_validation_error,
+    structure_talk,
+    structure_talks,
+)
 
 # The response example of GET /api/v4/talks/{id} in Kommo's reference, verbatim.
 DOCUMENTED: dict[str, Any] = json.loads(
@@ -94,7 +101,6 @@ def test_unknown_entity_type_is_kept() -> None:
         ("rate", None),
         ("is_in_work", "false"),
         ("is_read", 1),
-        ("chat_id", None),
         ("chat_id", 5),
         ("origin", ["telegram"]),
         ("created_at", "1631018291"),
@@ -181,3 +187,101 @@ def test_list_fast_path_agrees_and_names_the_bad_item() -> None:
         structure_talks(bad)
     _, path = describe_validation_error(caught.value)
     assert path == "[2].talk_id"
+
+
+# ------------------------------------------- the fast path and the converter agree
+
+# For each top-level key: values of the right type, and values of wrong types.
+_GOOD: dict[str, list[Any]] = {
+    "talk_id": [117, 1],
+    "created_at": [1631018291, 0],
+    "updated_at": [1631035929],
+    "rate": [0, 10],
+    "contact_id": [3372695],
+    "chat_id": ["88278e98-2b8d-4ae2-a5f0-bfab511cd621", ""],
+    "entity_id": [667999637],
+    "entity_type": ["lead", "customer", "company"],
+    "is_in_work": [True, False],
+    "is_read": [True, False],
+    "origin": ["telegram", ""],
+    "missed_at": [1631020000],
+    "account_id": [17029541],
+    "status": ["in_work", "closed", "nps_scheduled", "with_error"],
+    "source_id": [5501, 0],
+    "_embedded": [DOCUMENTED["_embedded"], {}, {"contacts": [{"id": 1}]}],
+    "_links": [DOCUMENTED["_links"], {}, {"self": {}}],
+}
+_WRONG: list[Any] = ["5", 5, 5.0, True, [], {}, "true"]
+
+
+def _payloads(seed: int, count: int) -> list[dict[str, Any]]:
+    """Valid talk payloads with zero to three keys dropped, nulled or given another type."""
+    rng = random.Random(seed)
+    payloads = []
+    for _ in range(count):
+        payload = {key: copy.deepcopy(rng.choice(good)) for key, good in _GOOD.items()}
+        for key in rng.sample(sorted(_GOOD), rng.randrange(4)):
+            change = rng.randrange(3)
+            if change == 0:
+                del payload[key]
+            else:
+                payload[key] = None if change == 1 else rng.choice(_WRONG)
+        payloads.append(payload)
+    return payloads
+
+
+def _outcome(build: Any, payload: Any) -> Any:
+    try:
+        return build(payload)
+    except Exception as exc:  # compared by kind: both paths must refuse the same payloads
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_path_and_converter_agree_on_generated_payloads(seed: int) -> None:
+    accepted_fast = 0
+    for payload in _payloads(seed, 500):
+        expected = _outcome(lambda p: converter.structure(copy.deepcopy(p), Talk), payload)
+        fast = _outcome(_fast_talk, payload)
+        if isinstance(fast, Talk):  # the fast path may decline, never decide otherwise
+            accepted_fast += 1
+            assert fast == expected, payload
+        assert _outcome(structure_talk, payload) == expected, payload
+        listed = _outcome(structure_talks, [payload])
+        if isinstance(expected, Talk):
+            assert listed == (expected,), payload
+        else:  # the list's error wraps the item's
+            assert listed == "IterableValidationError", payload
+    assert accepted_fast > 0  # the generator reaches the fast path's accepting branch
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param({**DOCUMENTED}, id="get-shape"),
+        pytest.param(
+            {k: v for k, v in DOCUMENTED.items() if k != "missed_at"}
+            | {"status": "closed", "source_id": None},
+            id="list-shape",
+        ),
+        pytest.param({**DOCUMENTED, "chat_id": None}, id="null-chat-id"),
+    ],
+)
+def test_both_documented_shapes_take_the_fast_path(payload: dict[str, Any]) -> None:
+    # Declining would fall back to the slow converter on every talk of a list.
+    assert _fast_talk(payload) == converter.structure(payload, Talk)
+
+
+def test_absent_missed_at_status_and_source_id_are_none() -> None:
+    payload = {k: v for k, v in DOCUMENTED.items() if k != "missed_at"}
+
+    talk = converter.structure(payload, Talk)
+
+    assert (talk.missed_at, talk.status, talk.source_id) == (None, None, None)
+
+
+def test_status_and_source_id_are_unstructured_only_when_set() -> None:
+    talk = converter.structure({**DOCUMENTED, "status": "closed", "source_id": 5501}, Talk)
+
+    assert converter.unstructure(talk) == {**DOCUMENTED, "status": "closed", "source_id": 5501}
+    assert "status" not in converter.unstructure(attrs.evolve(talk, status=None, source_id=None))

@@ -15,6 +15,7 @@ from loopback import serving
 
 from kommo_talks import KommoClient
 from kommo_talks.testing import FakeKommo, Fault, WebhookDelivery
+from kommo_talks.testing._webhooks import MANAGER_USER_ID
 from kommo_talks.webhooks import (
     MessageEvent,
     TalkEvent,
@@ -99,7 +100,9 @@ async def test_delivery_is_a_kommo_form_body_of_strings(
     await fake.webhooks_idle()
 
     assert hook.headers[0]["Content-Type"] == "application/x-www-form-urlencoded"
-    assert hook.bodies[0].startswith(b"talk%5Bupdate%5D%5B0%5D%5Btalk_id%5D=9&")
+    assert hook.headers[0]["User-Agent"] == "amoCRM-WebHook-client/1.0"
+    # The account first, as recent deliveries have it; brackets percent-encoded.
+    assert hook.bodies[0].startswith(b"account%5Bsubdomain%5D=fake&account%5Bid%5D=")
     fields = dict(parse_qsl(hook.bodies[0].decode(), keep_blank_values=True))
     talk = fake.talks[9]
     assert fields == {
@@ -204,9 +207,15 @@ async def test_emit_message_incoming_with_unicode_text(fake: FakeKommo, hook: Ho
     assert event.origin == "telegram"
     assert event.account_id == 17029541
     assert event.created_at is not None
-    fields = dict(parse_qsl(hook.bodies[0].decode()))
-    assert fields["message[add][0][author][type]"] == "contact"
+    assert (event.author_type, event.message_type, event.author_user_id) == (
+        "external",
+        "text",
+        None,
+    )
+    fields = dict(parse_qsl(hook.bodies[0].decode(), keep_blank_values=True))
     assert fields["message[add][0][element_type]"] == "2"
+    assert "message[add][0][author][avatar_url]" not in fields  # never sent empty
+    assert list(fields)[:2] == ["account[subdomain]", "account[id]"]
 
 
 async def test_emit_message_outgoing_defaults(fake: FakeKommo, hook: Hook) -> None:
@@ -220,6 +229,28 @@ async def test_emit_message_outgoing_defaults(fake: FakeKommo, hook: Hook) -> No
     assert (first.direction, first.author_name) == ("outgoing", "Manager")
     assert (second.direction, second.author_name) == ("incoming", "Customer")
     assert first.message_id != second.message_id
+
+
+async def test_outgoing_message_comes_in_its_own_section_from_a_manager(
+    fake: FakeKommo, hook: Hook
+) -> None:
+    fake.add_webhook(hook.url)
+    await fake.emit_message(8, "#done", direction="outgoing")
+    await fake.webhooks_idle()
+
+    fields = dict(parse_qsl(hook.bodies[0].decode(), keep_blank_values=True))
+    assert not any(key.startswith("message[add]") for key in fields)
+    assert fields["outgoing_message[add][0][type]"] == "outgoing"
+    event = only_event(hook.bodies[0])
+    assert isinstance(event, MessageEvent)
+    assert (event.direction, event.author_type, event.message_type) == (
+        "outgoing",
+        "internal",
+        "text",
+    )
+    assert event.author_user_id == MANAGER_USER_ID
+    assert event.recipient_type == "external"
+    assert (event.talk_id, event.text) == (8, "#done")
 
 
 async def test_emit_refuses_mistakes(fake: FakeKommo, hook: Hook) -> None:

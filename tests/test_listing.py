@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, cast
 
 import aiohttp
+import attrs
 import orjson
 import pytest
 from aiohttp import web
@@ -79,11 +80,35 @@ async def test_default_page_size_is_kommos_maximum() -> None:
     assert [q["limit"] for q in list_queries(fake)] == [["250"], ["250"]]
 
 
-async def test_talks_are_the_same_as_get_talk_returns(client: KommoClient) -> None:
+async def test_listed_talks_are_get_talk_s_talks_with_the_list_fields(
+    client: KommoClient,
+) -> None:
     listed = [talk async for talk in client.iter_talks(filter={"talk_id": [3, 4]})]
-    assert listed == [await client.get_talk(3), await client.get_talk(4)]
+    single = [await client.get_talk(3), await client.get_talk(4)]
+    assert listed == [attrs.evolve(t, status="in_work") for t in single]
     assert all(type(talk) is Talk for talk in listed)
     assert listed[0].embedded.leads[0].id == 667999637
+    assert (single[0].status, single[0].source_id) == (None, None)
+
+
+async def test_a_list_page_without_missed_at_decodes() -> None:
+    # Kommo's list items carry status and source_id and no missed_at, unlike GET by id.
+    async with fake_with([1, 2]) as (fake, client):
+        fake.add_talk(2, is_in_work=False, source_id=5501)
+        fake.add_talk(3, status="nps_scheduled")
+        listed = [talk async for talk in client.iter_talks()]
+        _, page = await raw_get(fake, "/api/v4/talks", {})
+
+    assert all("missed_at" not in item for item in page["_embedded"]["talks"])
+    single = fake.payload(2)  # GET by ID keeps the documented shape
+    assert "missed_at" in single
+    assert "status" not in single
+    assert "source_id" not in single
+    assert [(t.talk_id, t.status, t.source_id, t.missed_at) for t in listed] == [
+        (1, "in_work", None, None),
+        (2, "closed", 5501, None),
+        (3, "nps_scheduled", None, None),
+    ]
 
 
 async def test_empty_account_answers_204_and_yields_nothing() -> None:
@@ -214,8 +239,17 @@ async def test_filter_encoding_scalar_list_tuple_set_and_bools(
         "filter[entity_id][]": ["667999637"],
         "filter[origin][]": ["telegram", "whatsapp"],
         "filter[is_read]": ["1"],
-        "filter[only_in_work]": ["0"],
     }
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [(True, [("filter[only_in_work]", "1")]), (False, []), ("", [("filter[only_in_work]", "")])],
+    ids=["true-sends-1", "false-sends-no-key", "empty-is-passed-through"],
+)
+def test_only_in_work_is_a_presence_flag(value: object, sent: list[tuple[str, str]]) -> None:
+    assert encode_filter({"only_in_work": value}) == sent
+    assert encode_filter({"is_read": False}) == [("filter[is_read]", "0")]  # other flags: 0
 
 
 def test_encode_filter_is_plain_pairs_in_order() -> None:
@@ -259,7 +293,8 @@ async def test_filters_are_sent_on_every_page(fake: FakeKommo, client: KommoClie
         pytest.param({"entity_type": ["customer", "lead"]}, [1, 2, 3, 5, 6], id="entity_types"),
         pytest.param({"only_in_work": ""}, [1, 3, 5, 6], id="only_in_work empty"),
         pytest.param({"only_in_work": True}, [1, 3, 5, 6], id="only_in_work 1"),
-        pytest.param({"only_in_work": False}, [1, 2, 3, 4, 5, 6], id="only_in_work 0"),
+        pytest.param({"only_in_work": False}, [1, 2, 3, 4, 5, 6], id="only_in_work False"),
+        pytest.param({"only_in_work": "0"}, [1, 3, 5, 6], id="only_in_work=0 is on by presence"),
         pytest.param({"only_in_work": "", "contact_id": 42}, [3], id="combined"),
         pytest.param({"some_future_key": "x"}, [1, 2, 3, 4, 5, 6], id="unknown key ignored"),
     ],
@@ -455,7 +490,8 @@ async def test_fake_pages_carry_absolute_links_on_its_host(fake: FakeKommo) -> N
         "next": f"{fake.url}/api/v4/talks?page=3&limit=30&filter%5Bonly_in_work%5D=",
     }
     assert [t["talk_id"] for t in body["_embedded"]["talks"]] == list(range(31, 61))
-    assert body["_embedded"]["talks"][0] == fake.payload(31)
+    assert body["_embedded"]["talks"][0] == fake.list_item(31)
+    assert "missed_at" not in body["_embedded"]["talks"][0]
 
 
 async def test_fake_last_page_has_no_next_link_and_default_limit_is_50(fake: FakeKommo) -> None:

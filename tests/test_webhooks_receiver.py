@@ -18,6 +18,7 @@ from aiohttp import web
 from loopback import serving
 
 from kommo_talks.webhooks import (
+    InvalidEvent,
     MessageEvent,
     TalkEvent,
     WebhookEvent,
@@ -379,21 +380,22 @@ async def test_body_over_the_apps_size_limit_is_413_and_nothing_is_called(
 # -------------------------------------------------------------- bad bodies
 
 
-async def test_bad_body_is_400_naming_the_key_and_nothing_is_called(
-    http: aiohttp.ClientSession,
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xfe", b"talk%5Bupdate%5D%5B0%5D%5Btalk_id%5D=1&" * 10_001],
+    ids=["not-utf8", "over-max-fields"],
+)
+async def test_body_that_is_not_a_form_is_400_and_nothing_is_called(
+    http: aiohttp.ClientSession, body: bytes
 ) -> None:
     recorder = Recorder()
     receiver = WebhookReceiver(recorder)
-    bad = delivery(1, 2).replace(b"is_read%5D=1", b"is_read%5D=yes", 1)
     async with serve_receiver(receiver) as url:
-        async with http.post(url, data=bad) as response:
-            status, text = response.status, await response.text()
-        assert await post(http, url, b"\xff\xfe") == 400
+        assert await post(http, url, body) == 400
         await receiver.close()  # waits for anything that was accepted
 
-    assert status == 400
-    assert "talk[update][0][is_read]" in text
     assert recorder.started == []
+    assert receiver.invalid_events == 0
 
 
 async def test_delivery_without_modelled_events_is_200_with_no_call(
@@ -578,6 +580,153 @@ def test_receiver_refuses_nonsense_settings() -> None:
         WebhookReceiver(Recorder(), max_pending=0)
     with pytest.raises(ValueError, match="secret"):
         WebhookReceiver(Recorder(), secret="")
+    for timeout in (0, -1.0, float("nan"), float("inf"), "10"):
+        with pytest.raises(ValueError, match="read_timeout"):
+            WebhookReceiver(Recorder(), read_timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_receiver_without_a_callback_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="callback"):
+        WebhookReceiver()
+    with pytest.raises(TypeError, match="callback"):
+        WebhookReceiver(None, secret="s3cret")
+
+
+# --------------------------------------------------- partly bad deliveries
+
+
+def bad_talk(index: int) -> list[tuple[str, str]]:
+    prefix = f"talk[update][{index}]"
+    return [(f"{prefix}[talk_id]", "not-a-number"), (f"{prefix}[is_in_work]", "0")]
+
+
+def mixed_delivery() -> bytes:
+    """Two good talk events (1 and 3) and a bad one between them, at index 1."""
+    pairs = [("account[id]", "29785537")]
+    for index, talk_id in ((0, 1), (2, 3)):
+        prefix = f"talk[update][{index}]"
+        pairs += [(f"{prefix}[talk_id]", str(talk_id)), (f"{prefix}[is_in_work]", "0")]
+        pairs += [(f"{prefix}[is_read]", "1")]
+    return urlencode(pairs + bad_talk(1)).encode()
+
+
+async def test_delivery_with_a_bad_event_is_200_the_good_ones_run_and_the_bad_one_is_reported(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    reported: list[InvalidEvent] = []
+    receiver = WebhookReceiver(recorder, on_invalid=reported.append)
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, mixed_delivery()) == 200
+        await recorder.wait_finished(2)
+        await receiver.close()
+
+    assert talk_ids(recorder.finished) == [1, 3]
+    (invalid,) = reported
+    assert (invalid.section, invalid.index) == ("talk[update]", 1)
+    assert invalid.error.path == "talk[update][1][talk_id]"
+    assert dict(invalid.fields) == {"talk_id": "not-a-number", "is_in_work": "0"}
+    assert receiver.invalid_events == 1
+    (record,) = [r for r in caplog.records if r.name == "kommo_talks.webhooks"]
+    assert record.levelno == logging.WARNING
+    assert "talk[update][1][talk_id]" in record.getMessage()
+    assert "talk[update][0]" not in record.getMessage()  # the event's path, not the body
+
+
+async def test_on_invalid_that_raises_is_logged_and_the_answer_stays_200(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(invalid: InvalidEvent) -> None:
+        raise RuntimeError("dead-letter store is down")
+
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder, on_invalid=broken)
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, mixed_delivery()) == 200
+        await recorder.wait_finished(2)
+        await receiver.close()
+
+    assert receiver.invalid_events == 1
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None
+    assert "dead-letter store is down" in str(failures[0].exc_info[1])
+
+
+async def test_delivery_of_only_bad_events_is_200_with_no_call(
+    http: aiohttp.ClientSession,
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, urlencode(bad_talk(0)).encode()) == 200
+        await receiver.close()
+
+    assert recorder.started == []
+    assert receiver.invalid_events == 1
+
+
+async def test_refused_delivery_reports_no_invalid_event(http: aiohttp.ClientSession) -> None:
+    # Answered 503, the delivery comes again: its bad events are counted then, once.
+    recorder = Recorder(hold=True)
+    reported: list[InvalidEvent] = []
+    receiver = WebhookReceiver(recorder, max_pending=2, on_invalid=reported.append)
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url, delivery(7)) == 200
+        await recorder.wait_started(1)
+        assert await post(http, url, mixed_delivery()) == 503
+        recorder.release.set()
+        await receiver.close()
+
+    assert (reported, receiver.invalid_events) == ([], 0)
+
+
+# ------------------------------------------------------------------- routes
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+async def test_path_is_served_with_and_without_a_trailing_slash(
+    http: aiohttp.ClientSession, suffix: str
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    async with serve_receiver(receiver) as url:
+        assert await post(http, url + suffix, delivery(5)) == 200
+        await recorder.wait_finished(1)
+        await receiver.close()
+
+    assert talk_ids(recorder.finished) == [5]
+
+
+# ------------------------------------------------------------- read timeout
+
+
+async def test_body_not_complete_within_read_timeout_is_408_and_nothing_is_parsed() -> None:
+    recorder = Recorder()
+    reported: list[InvalidEvent] = []
+    receiver = WebhookReceiver(recorder, read_timeout=0.05, on_invalid=reported.append)
+    body = mixed_delivery()
+    async with serve_receiver(receiver) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            head = (
+                f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            writer.write(head.encode() + body[: len(body) // 2])  # then it stalls
+            await writer.drain()
+            async with asyncio.timeout(HANG):
+                status_line = await reader.readline()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        await receiver.close()
+
+    assert status_line.startswith(b"HTTP/1.1 408 ")
+    assert recorder.started == []
+    assert (reported, receiver.invalid_events) == ([], 0)
 
 
 # --------------------------------------------------------------- signature
@@ -622,3 +771,13 @@ def test_disconnect_signature_rejects_anything_else(account_id: int, signature: 
     assert not verify_disconnect_signature(
         client_id=CLIENT_ID, client_secret=SECRET, account_id=account_id, signature=signature
     )
+
+
+@pytest.mark.parametrize("secret", ["", " ", "\t\n"], ids=["empty", "space", "blank"])
+def test_disconnect_signature_with_an_empty_or_blank_secret_is_a_value_error(secret: str) -> None:
+    forged = sign(CLIENT_ID, secret, 29785537)  # anyone can compute this one
+
+    with pytest.raises(ValueError, match="client_secret"):
+        verify_disconnect_signature(
+            client_id=CLIENT_ID, client_secret=secret, account_id=29785537, signature=forged
+        )

@@ -291,8 +291,16 @@ class FakeKommo:
         return sorted(k for k, v in self.talks.items() if not v["is_in_work"])
 
     def payload(self, talk_id: int) -> dict[str, Any]:
-        """The full JSON payload ``GET /api/v4/talks/{id}`` answers for a talk."""
+        """The full JSON payload ``GET /api/v4/talks/{id}`` answers for a talk.
+
+        It has the documented fields only: ``status`` and ``source_id``
+        given to :meth:`add_talk` show in :meth:`list_item` alone.
+        """
         return talk_payload(self.url, talk_id, self.talks[talk_id])
+
+    def list_item(self, talk_id: int) -> dict[str, Any]:
+        """A talk as ``GET /api/v4/talks`` lists it: no ``missed_at``; ``status``, ``source_id``."""
+        return list_item(self.url, talk_id, self.talks[talk_id])
 
     def deny(self, status: int = 403, *, talk_id: int | None = None) -> None:
         """Answer ``status`` (402 or 403, problem+json) for one talk, or the whole account."""
@@ -405,12 +413,15 @@ class FakeKommo:
         author_name: str | None = None,
         message_id: str | None = None,
     ) -> bytes:
-        """Post a ``message[add]`` delivery: a message written in a talk's chat.
+        """Post a delivery of a message written in a talk's chat.
 
-        ``direction`` is ``"incoming"`` (from the customer) or ``"outgoing"``
-        (from a manager; whether Kommo sends those through this hook is not
-        confirmed). ``author_name`` defaults to ``"Customer"`` or
-        ``"Manager"``, ``message_id`` to a new UUID. Returns the body queued.
+        ``direction`` is ``"incoming"`` (from the customer: a
+        ``message[add]`` with ``author[type]=external``) or ``"outgoing"``
+        (from a manager: an ``outgoing_message[add]`` with
+        ``author[type]=internal`` and ``author[user_id]``, the shape of
+        Kommo's ``add_outgoing_message`` webhook as other clients model it).
+        ``author_name`` defaults to ``"Customer"`` or ``"Manager"``,
+        ``message_id`` to a new UUID. Returns the body queued.
 
         Raises:
             ValueError: a bad ``direction``. KeyError: no such talk.
@@ -614,9 +625,13 @@ def example_talk(talk_id: int) -> dict[str, Any]:
     return talk
 
 
+# Stored with a talk for its list shape only: GET /api/v4/talks/{id} documents neither.
+_LIST_ONLY = ("status", "source_id")
+
+
 def talk_payload(base: str, talk_id: int, talk: dict[str, Any]) -> dict[str, Any]:
     """A stored talk as the API answers it, with ``_links`` and ``_embedded`` on ``base``."""
-    body = dict(talk)
+    body = {key: value for key, value in talk.items() if key not in _LIST_ONLY}
     body["_links"] = {"self": {"href": f"{base}/api/v4/talks/{talk_id}"}}
     contacts = [_ref(base, "contacts", talk["contact_id"])]
     leads, customers = [], []
@@ -626,6 +641,15 @@ def talk_payload(base: str, talk_id: int, talk: dict[str, Any]) -> dict[str, Any
         customers.append(_ref(base, "customers", talk["entity_id"]))
     body["_embedded"] = {"contacts": contacts, "leads": leads, "customers": customers}
     return body
+
+
+def list_item(base: str, talk_id: int, talk: dict[str, Any]) -> dict[str, Any]:
+    """A stored talk as the talks list carries it (see :func:`talk_payload`)."""
+    item = talk_payload(base, talk_id, talk)
+    item.pop("missed_at", None)
+    item["status"] = talk.get("status") or ("in_work" if talk["is_in_work"] else "closed")
+    item["source_id"] = talk.get("source_id")
+    return item
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:

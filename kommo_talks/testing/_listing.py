@@ -7,8 +7,11 @@ published clients send):
 - ``page`` (default 1) and ``limit`` (default 50, at most 250: a larger one
   is answered ``422`` with Kommo's documented ``"Limit 250 per page"``
   problem; a page or limit that is not a positive integer gets ``400``);
-- talks in ``talk_id`` order, each the full payload of ``GET
-  /api/v4/talks/{id}``, under ``_embedded.talks``; ``_page``; ``_links``
+- talks in ``talk_id`` order under ``_embedded.talks``, each in the list
+  shape Kommo's list descriptions give: the payload of ``GET
+  /api/v4/talks/{id}`` without ``missed_at``, with ``status`` (``in_work``
+  or ``closed`` from ``is_in_work``, unless the stored talk has its own)
+  and ``source_id`` (the stored talk's, else ``null``); ``_page``; ``_links``
   with absolute ``self``, ``first``, ``prev`` (after page 1) and ``next``
   (while more talks follow) URLs on the fake's host that repeat the
   request's query with another ``page``;
@@ -17,9 +20,8 @@ published clients send):
   ``filter[talk_id]``, ``filter[contact_id]``, ``filter[entity_id]`` (each a
   scalar or ``[]`` list of integers; anything else is a ``400``),
   ``filter[entity_type]`` (strings) and ``filter[only_in_work]``: present
-  means open talks only, unless its value is ``0`` (Kommo's handling of
-  ``0`` is unconfirmed: to list every talk, leave the key out). Other
-  filter keys are ignored.
+  means open talks only, whatever its value (``0`` included), as Kommo's
+  flag is described to work. Other filter keys are ignored.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ async def list_talks(fake: FakeKommo, request: web.Request) -> web.StreamRespons
     body = {
         "_page": page,
         "_links": links,
-        "_embedded": {"talks": [fake.payload(talk_id) for talk_id in chosen]},
+        "_embedded": {"talks": [fake.list_item(talk_id) for talk_id in chosen]},
     }
     return web.Response(body=orjson.dumps(body), content_type=HAL_JSON)
 
@@ -119,7 +121,7 @@ def _compile_filters(filters: dict[str, list[str]]) -> _Wanted:
             wanted[key] = {int(v) for v in values}
         elif key in _STR_FILTERS:
             wanted[key] = set(values)
-        elif key == "only_in_work" and any(v != "0" for v in values):
+        elif key == "only_in_work":  # on by presence, whatever the value
             wanted["is_in_work"] = {True}
         # Other keys: ignored, as the module docstring says.
     return wanted

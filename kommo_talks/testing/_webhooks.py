@@ -1,11 +1,16 @@
 """Webhook deliveries of :class:`~kommo_talks.testing.FakeKommo`, as Kommo sends them.
 
 Kommo posts account webhooks as ``application/x-www-form-urlencoded`` bodies
-with bracketed keys and string values (``talk[update][0][is_in_work]=0``,
-``account[id]=...``), waits at most 2 s for a 2xx answer, and sends one
-delivery after another. The fake does the same from one background task with
-its own ``aiohttp.ClientSession``, records every delivery, and does not retry
-a failed one (Kommo does, later).
+with bracketed keys and string values (``account[...]`` first, then
+``talk[update][0][is_in_work]=0`` and the like) from
+``User-Agent: amoCRM-WebHook-client/1.0``, waits at most 2 s for a 2xx
+answer, and sends one delivery after another. A customer's message arrives
+as ``message[add]`` (``author[type]=external``), a manager's as
+``outgoing_message[add]`` (``author[type]=internal`` with
+``author[user_id]``): the shapes that real deliveries and other clients show
+(Kommo's own pages do not document the outgoing section). The fake does the
+same from one background task with its own ``aiohttp.ClientSession``,
+records every delivery, and does not retry a failed one (Kommo does, later).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
     from ._fake import FakeKommo
 
 __all__ = [
+    "MANAGER_USER_ID",
     "FakeWebhooks",
     "WebhookDelivery",
     "message_add_body",
@@ -32,7 +38,10 @@ __all__ = [
 ]
 
 FORM: Final = "application/x-www-form-urlencoded"
-USER_AGENT: Final = "kommo-talks-FakeKommo-webhooks/1.0"
+USER_AGENT: Final = "amoCRM-WebHook-client/1.0"
+"""What Kommo's webhook deliveries send as their ``User-Agent``."""
+MANAGER_USER_ID: Final = 1000001
+"""The ``author[user_id]`` of the fake's outgoing messages: the manager's Kommo user ID."""
 SUBDOMAIN: Final = "fake"
 """The ``account[subdomain]`` of the fake's deliveries."""
 
@@ -89,9 +98,10 @@ def _text(value: Any) -> str:
 
 
 def _account_pairs(account_id: Any, base_url: str) -> list[tuple[str, str]]:
+    # First, in this order, as recent deliveries have them.
     return [
-        ("account[id]", _text(account_id)),
         ("account[subdomain]", SUBDOMAIN),
+        ("account[id]", _text(account_id)),
         ("account[_links][self]", base_url),
     ]
 
@@ -104,14 +114,12 @@ def talk_event_body(action: str, talks: Iterable[Mapping[str, Any]], *, base_url
     """
     if action not in ("add", "update"):
         raise ValueError(f"action must be 'add' or 'update', got {action!r}")
-    pairs: list[tuple[str, str]] = []
-    account_id: Any = None
+    talks = list(talks)
+    account_id = next((t.get("account_id") for t in talks if t.get("account_id") is not None), None)
+    pairs = _account_pairs(account_id, base_url)
     for index, talk in enumerate(talks):
-        if account_id is None:
-            account_id = talk.get("account_id")
         prefix = f"talk[{action}][{index}]"
         pairs.extend((f"{prefix}[{name}]", _text(talk.get(name))) for name in _TALK_FIELDS)
-    pairs.extend(_account_pairs(account_id, base_url))
     return urlencode(pairs).encode("ascii")
 
 
@@ -125,16 +133,18 @@ def message_add_body(
     created_at: int,
     base_url: str,
 ) -> bytes:
-    """A ``message[add]`` delivery body: one message in ``talk``'s chat."""
-    prefix = "message[add][0]"
-    entity_type = talk.get("entity_type")
-    entity_id = talk.get("entity_id")
-    if entity_type in _ELEMENT_TYPES and entity_id is not None:
-        element_type, element_id = _ELEMENT_TYPES[entity_type], entity_id
-    else:  # attached to the contact
-        element_type, element_id = "1", talk.get("contact_id")
-    author_kind = "contact" if direction == "incoming" else "user"
-    author_id = uuid.uuid5(uuid.NAMESPACE_URL, f"kommo-{author_kind}-{author_name}")
+    """A delivery of one message in ``talk``'s chat, in the section its direction uses.
+
+    ``"incoming"`` gives ``message[add][0]`` (the customer, ``author[type]``
+    ``external``, with the entity the message is attached to);
+    ``"outgoing"`` gives ``outgoing_message[add][0]`` (a manager,
+    ``author[type]`` ``internal`` with ``author[user_id]``, and the customer
+    as ``recipient``). Both carry ``message_type`` ``text``.
+    """
+    if direction == "incoming":
+        prefix, fields = "message[add][0]", _incoming_fields(talk, author_name)
+    else:
+        prefix, fields = "outgoing_message[add][0]", _outgoing_fields(talk, author_name)
     fields = {
         "id": message_id,
         "chat_id": talk.get("chat_id"),
@@ -142,20 +152,52 @@ def message_add_body(
         "contact_id": talk.get("contact_id"),
         "text": text,
         "created_at": created_at,
+        "message_type": "text",
+        "type": direction,
+        **fields,
+        "origin": talk.get("origin"),
+    }
+    pairs = _account_pairs(talk.get("account_id"), base_url)
+    # A value the talk lacks is left out, not sent empty (a site chat's message
+    # came without its entity keys).
+    pairs.extend((f"{prefix}[{k}]", _text(v)) for k, v in fields.items() if v is not None)
+    return urlencode(pairs).encode("utf-8")
+
+
+def _incoming_fields(talk: Mapping[str, Any], author_name: str) -> dict[str, Any]:
+    entity_type = talk.get("entity_type")
+    entity_id = talk.get("entity_id")
+    if entity_type in _ELEMENT_TYPES and entity_id is not None:
+        element_type, element_id = _ELEMENT_TYPES[entity_type], entity_id
+    else:  # attached to the contact
+        element_type, element_id = "1", talk.get("contact_id")
+    return {
         "element_type": element_type,
         "element_id": element_id,
         "entity_type": entity_type,
         "entity_id": entity_id,
-        "type": direction,
-        "author][id": author_id,
-        "author][type": author_kind,
+        "author][id": _customer_id(talk),
+        "author][type": "external",
         "author][name": author_name,
-        "author][avatar_url": "",
-        "origin": talk.get("origin"),
+        # No author[avatar_url]: Kommo leaves the key out rather than send it empty.
     }
-    pairs = [(f"{prefix}[{name}]", _text(value)) for name, value in fields.items()]
-    pairs.extend(_account_pairs(talk.get("account_id"), base_url))
-    return urlencode(pairs).encode("utf-8")
+
+
+def _outgoing_fields(talk: Mapping[str, Any], author_name: str) -> dict[str, Any]:
+    return {
+        "source_id": talk.get("source_id"),
+        "author][id": uuid.uuid5(uuid.NAMESPACE_URL, f"kommo-user-{MANAGER_USER_ID}"),
+        "author][type": "internal",
+        "author][user_id": MANAGER_USER_ID,
+        "author][name": author_name,
+        "recipient][id": _customer_id(talk),
+        "recipient][type": "external",
+    }
+
+
+def _customer_id(talk: Mapping[str, Any]) -> uuid.UUID:
+    """The chat participant ID (a UUID, as in Kommo's examples) of the talk's contact."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"kommo-contact-{talk.get('contact_id')}")
 
 
 def now() -> int:
