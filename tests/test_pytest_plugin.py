@@ -27,6 +27,7 @@ ASYNCIO_INI = """
 asyncio_default_fixture_loop_scope = function
 filterwarnings = error
 """
+TEST_DEF = re.compile(r"^(?:async )?def test_", flags=re.MULTILINE)
 PLAIN_INI = """
 [pytest]
 filterwarnings = error
@@ -150,33 +151,30 @@ async def test_plugin_fixtures_work_beside_this_suites_own(
     assert fake.closed_talks() == []
 
 
-def doc_samples() -> list[pytest.param]:
-    """Every Python block of the docs that defines a test, with where it is printed."""
-    samples = []
+def doc_samples() -> dict[str, str]:
+    """Every Python block of the docs that defines a test, by a module name saying where it is."""
+    samples = {}
     for page in sorted((ROOT / "docs").rglob("*.md")):
         blocks = re.findall(r"^```python\n(.*?)^```", page.read_text("utf-8"), re.S | re.M)
         for number, block in enumerate(blocks, 1):
-            if re.search(r"^(async )?def test_", block, flags=re.MULTILINE):
-                name = f"{page.relative_to(ROOT / 'docs')}#{number}"
-                samples.append(pytest.param(block, id=name))
+            if TEST_DEF.search(block):
+                where = re.sub(r"\W", "_", str(page.relative_to(ROOT / "docs")))
+                samples[f"test_sample_{where}_{number}"] = block
     return samples
 
 
-@pytest.mark.parametrize("sample", doc_samples())
-def test_doc_test_sample_runs_as_printed_under_default_pytest_asyncio_settings(
-    pytester: pytest.Pytester, sample: str
+def test_doc_test_samples_run_as_printed_under_default_pytest_asyncio_settings(
+    pytester: pytest.Pytester,
 ) -> None:
+    samples = doc_samples()
+    pages = {name.rsplit("_md_", 1)[0] for name in samples}
+    assert pages >= {f"test_sample_guides_{p}" for p in ("testing", "oauth", "bots")}
     for example in (ROOT / "examples").glob("*.py"):  # the bots guide's sample imports its bot
         shutil.copy(example, pytester.path)
-    pytester.makepyfile(test_sample=sample)
+    pytester.makepyfile(**samples)
 
     result = run(pytester, ASYNCIO_INI)  # asyncio_mode left at its default, strict
 
     result.stdout.fnmatch_lines(["asyncio: mode=Mode.STRICT*"])
-    tests = len(re.findall(r"^(?:async )?def test_", sample, flags=re.MULTILINE))
+    tests = sum(len(TEST_DEF.findall(sample)) for sample in samples.values())
     result.assert_outcomes(passed=tests, warnings=0)
-
-
-def test_doc_samples_include_the_testing_oauth_and_bots_guides() -> None:
-    pages = {str(p.id).split("#")[0] for p in doc_samples()}
-    assert {"guides/bots.md", "guides/oauth.md", "guides/testing.md"} <= pages
