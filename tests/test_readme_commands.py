@@ -47,11 +47,11 @@ class Newcomer:
     clone: Path
     env: dict[str, str]
 
-    def run(self, command: str) -> subprocess.CompletedProcess[str]:
+    def run(self, command: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["/bin/bash", "-c", command],
             cwd=self.clone,
-            env=self.env,
+            env={**self.env, **env},
             capture_output=True,
             text=True,
             timeout=600,
@@ -71,7 +71,7 @@ def newcomer(tmp_path_factory: pytest.TempPathFactory) -> Newcomer:
     git = shutil.which("git", path=SYSTEM_PATH)
     assert git, "git is needed to clone the repository as the README says"
     subprocess.run([git, "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON", "CI"))}
     env.update(HOME=str(home), PATH=SYSTEM_PATH, PIP_CACHE_DIR=pip_cache_dir())
     return Newcomer(clone, env)
 
@@ -112,3 +112,17 @@ def test_test_command_gets_nox_to_run_tests_on_each_python_lint_and_typing(
     assert result.returncode == 0, result.stdout + result.stderr
     selected = re.findall(r"^\* (\S+)", result.stdout, flags=re.MULTILINE)
     assert selected == ["tests-3.11", "tests-3.12", "tests-3.13", "lint", "typing"]
+
+
+def test_test_command_fails_under_ci_on_a_missing_python_and_skips_it_elsewhere(
+    newcomer: Newcomer,
+) -> None:
+    _, test = readme_commands((newcomer.clone / "README.md").read_text(encoding="utf-8"))
+
+    under_ci = newcomer.run(f"{test} --force-python 3.99", CI="true")
+    elsewhere = newcomer.run(".venv/bin/nox -s tests --force-python 3.99")
+
+    assert under_ci.returncode != 0
+    assert "Session tests-3.99 failed: Python interpreter 3.99 not found." in under_ci.stderr
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "Session tests-3.99 skipped: Python interpreter 3.99 not found." in elsewhere.stderr
