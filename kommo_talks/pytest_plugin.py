@@ -78,8 +78,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     problem = _asyncio_problem(item.config) if used else ""
     if problem:
         pytest.fail(
-            f"the kommo-talks fixtures {', '.join(used)} are async and need the "
-            f"pytest-asyncio plugin, {problem}; then mark async tests with "
+            f"kommo-talks fixtures are async and need the pytest-asyncio plugin "
+            f"(this test uses {', '.join(used)}), {problem}; then mark async tests with "
             '@pytest.mark.asyncio (or set asyncio_mode = "auto")',
             pytrace=False,
         )

@@ -111,8 +111,8 @@ def test_without_pytest_asyncio_the_plugin_loads_silently_and_its_fixtures_say_w
     problem = "not installed" if absent == "not installed" else "installed but not loaded"
     result.stdout.fnmatch_lines(
         [
-            "the kommo-talks fixtures kommo_fake, kommo_client are async and need the "
-            f"pytest-asyncio plugin, which is {problem}*"
+            "kommo-talks fixtures are async and need the pytest-asyncio plugin "
+            f"(this test uses kommo_fake, kommo_client), which is {problem}*"
         ]
     )
 
