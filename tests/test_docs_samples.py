@@ -131,6 +131,8 @@ async def run_against_fake(
             "KOMMO_CLIENT_SECRET": fake.oauth.client_secret,
             "KOMMO_REDIRECT_URI": fake.oauth.redirect_uri,
             "BOT_SECRET": "s3cret",
+            "NO_PROXY": "127.0.0.1",  # a session with trust_env never proxies the fake
+            "no_proxy": "127.0.0.1",
         }.items():
             monkeypatch.setenv(name, value)
         swapped = Sample(sample.where, sample.code.replace(ACCOUNT_URL, fake.url), None, False)
