@@ -15,8 +15,10 @@ A marker comment on the line before a block says how else to treat it:
   ``BOT_SECRET``, each the fake's; the block runs in an empty directory whose
   ``kommo-tokens.json`` holds a pair the fake issued, as ``kommo-talks auth``
   leaves it.
-- ``<!-- sample: fragment -->``: a piece of the example before it on the
-  page (it uses that example's ``client``). It is compiled, not run.
+- ``<!-- sample: fragment -->``: a piece of the examples before it on the
+  page (it uses their ``client``). It is compiled, not run, and every name
+  it uses must be a builtin, bound in it, or bound by a block before it on
+  the same page: a missing import fails.
 
 A block that defines a ``test_`` function is a pytest sample: those are run
 by ``tests/test_pytest_plugin.py`` under default pytest-asyncio settings;
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import builtins
 import inspect
 import re
 import textwrap
@@ -105,6 +108,40 @@ def compile_sample(sample: Sample) -> object:
     )
 
 
+def bound_names(tree: ast.AST) -> set[str]:
+    """Every name a block binds anywhere: imports, assignments, defs, arguments, targets."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def used_names(tree: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def unknown_names(sample: Sample) -> set[str]:
+    """Names a fragment uses that neither it, blocks before it on its page, nor builtins bind."""
+    page = sample.where.split(":")[0]
+    known = set(dir(builtins))
+    for other in ALL_SAMPLES:
+        if other.where == sample.where:
+            break
+        if other.where.split(":")[0] == page:
+            known |= bound_names(ast.parse(other.code))
+    tree = ast.parse(sample.code)
+    return used_names(tree) - bound_names(tree) - known
+
+
 async def run_sample(code: object) -> None:
     """Run a compiled block like the asyncio REPL does, then its ``main()`` if it has one."""
     namespace: dict[str, object] = {"__name__": "__doc_sample__"}
@@ -164,3 +201,5 @@ def test_sample_runs_as_printed(
     elif sample.marker is None:
         monkeypatch.chdir(tmp_path)
         asyncio.run(run_sample(code))
+    else:
+        assert unknown_names(sample) == set(), f"{sample.where} uses names bound nowhere"
