@@ -322,46 +322,50 @@ async def _close(
 ) -> int:
     if pause:
         await asyncio.sleep(pause)
-    out = Console(stderr=as_json, highlight=False)
-    err = Console(stderr=True, highlight=False)
-    first = talk_ids[0]
-    rest = talk_ids[1:]  # distinct already (collect_ids)
     async with make_client(token_file) as client:
-        # Wrong credentials or host fail once, not once per talk: the first talk
-        # is closed alone, and the rest only if that did not fail for them all.
-        (first_outcome,) = await close_run(client, [first], force=force, concurrency=1).collect()
-        if first_outcome.error is not None and fails_every_talk(first_outcome.error):
-            raise cli_error("the first close failed, so nothing else was sent", first_outcome.error)
-        batch = close_run(client, rest, force=force, concurrency=concurrency)
-        outcomes: dict[int, CloseOutcome] = {first: first_outcome}
-        interrupted = False
-        with ProgressReporter(err, len(talk_ids), "closing") as reporter:
-            reporter.advance(first_outcome)
-
-            def progress(outcome: CloseOutcome) -> None:
-                outcomes[outcome.talk_id] = outcome
-                reporter.advance(outcome)
-
-            try:
-                await batch.collect(progress)
-            except asyncio.CancelledError:
-                interrupted = True
-        report = BatchReport(
-            talk_ids,
-            outcomes,
-            unsent=batch.unsent,
-            stop_error=batch.stop_error,
-            interrupted=interrupted,
-        )
+        report = await _close_all(client, talk_ids, force=force, concurrency=concurrency)
     if as_json:
         write = sys.stdout.write
         for record in report.records():
             write(json_line(record))
         sys.stdout.flush()
-    render_summary(out, report)
-    if interrupted:
+    render_summary(Console(stderr=as_json, highlight=False), report)
+    if report.interrupted:
         raise asyncio.CancelledError  # asyncio.run turns it back into KeyboardInterrupt
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def _close_all(
+    client: KommoClient, talk_ids: list[int], *, force: bool, concurrency: int
+) -> BatchReport:
+    """Close the first talk alone, then the rest (distinct already) with a progress bar."""
+    first, rest = talk_ids[0], talk_ids[1:]
+    # Wrong credentials or host fail once, not once per talk: the first talk
+    # is closed alone, and the rest only if that did not fail for them all.
+    (first_outcome,) = await close_run(client, [first], force=force, concurrency=1).collect()
+    if first_outcome.error is not None and fails_every_talk(first_outcome.error):
+        raise cli_error("the first close failed, so nothing else was sent", first_outcome.error)
+    batch = close_run(client, rest, force=force, concurrency=concurrency)
+    outcomes: dict[int, CloseOutcome] = {first: first_outcome}
+    interrupted = False
+    with ProgressReporter(Console(stderr=True, highlight=False), len(talk_ids), "closing") as bar:
+        bar.advance(first_outcome)
+
+        def progress(outcome: CloseOutcome) -> None:
+            outcomes[outcome.talk_id] = outcome
+            bar.advance(outcome)
+
+        try:
+            await batch.collect(progress)
+        except asyncio.CancelledError:
+            interrupted = True
+    return BatchReport(
+        talk_ids,
+        outcomes,
+        unsent=batch.unsent,
+        stop_error=batch.stop_error,
+        interrupted=interrupted,
+    )
 
 
 def fails_every_talk(error: KommoError) -> bool:
