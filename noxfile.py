@@ -61,7 +61,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typing(session: nox.Session) -> None:
-    """mypy --strict on the package."""
+    """mypy --strict on the package and the tests."""
     session.install("-e", ".[redis]", *group("typing"))
     session.run("mypy")
 
