@@ -53,15 +53,16 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check."""
-    session.install(*group("lint"))
+    """ruff check, ruff format --check, and the import contracts (lint-imports)."""
+    session.install("-e", ".", *group("lint"))  # import-linter reads the installed package
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports")
 
 
 @nox.session
 def typing(session: nox.Session) -> None:
-    """mypy --strict on the package."""
+    """mypy --strict on the package and the tests."""
     session.install("-e", ".[redis]", *group("typing"))
     session.run("mypy")
 

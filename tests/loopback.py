@@ -28,7 +28,7 @@ async def serving(app: web.Application, **runner_options: Any) -> AsyncIterator[
 
 
 def answering_everything(
-    handler: Callable[[web.Request], Awaitable[web.Response]],
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> web.Application:
     """An app that sends every request, whatever its method and path, to ``handler``."""
     app = web.Application()

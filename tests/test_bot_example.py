@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 import pytest
-from aiohttp import web
+from aiohttp.log import access_logger
 from conftest import FAST_RETRY
 from loopback import serving
 
@@ -95,7 +95,7 @@ async def run_bot(
         return client
 
     app = bot.make_app(client_factory, secret=secret, on_event=seen, **options)
-    logs = {"access_log": web.access_logger, "access_log_format": bot.ACCESS_LOG_FORMAT}
+    logs = {"access_log": access_logger, "access_log_format": bot.ACCESS_LOG_FORMAT}
     async with serving(app, **(logs if access_log else {})) as base:
         yield Running(fake, f"{base}{bot.WEBHOOK_PATH}", seen, clients)
     assert all(client.closed for client in clients)

@@ -350,6 +350,21 @@ async def test_list_sends_filters(fake: FakeKommo) -> None:
     assert first.query["filter[origin]"] == ["telegram"]
 
 
+@pytest.mark.parametrize(
+    ("value", "sent"), [("0", None), ("false", None), ("1", ["1"]), ("", [""])]
+)
+async def test_list_only_in_work_0_sends_no_key_as_the_flag_works_by_presence(
+    fake: FakeKommo, value: str, sent: list[str] | None
+) -> None:
+    fake.talks[3]["is_in_work"] = False
+    result = await kommo_talks("list", "--filter", f"only_in_work={value}", env=cli_env(fake))
+
+    assert result.code == 0, result.err
+    first = next(r for r in fake.requests if r.route == "list")
+    assert first.query.get("filter[only_in_work]") == sent
+    assert ("3" in result.out.splitlines()) is (sent is None)
+
+
 async def test_list_refuses_a_filter_without_a_value(fake: FakeKommo) -> None:
     result = await kommo_talks("list", "--filter", "is_read", env=cli_env(fake))
 
@@ -482,3 +497,14 @@ async def test_help_lists_every_command() -> None:
     assert result.code == 0
     for command in ("get", "close", "list", "demo", "auth"):
         assert command in result.out
+    assert "130 interrupted" in " ".join(result.out.split())
+
+
+async def test_list_help_says_what_it_prints() -> None:
+    result = await kommo_talks("list", "--help", env=cli_env())
+
+    text = " ".join(result.out.split())
+    assert result.code == 0
+    assert "one per line" in text
+    assert "JSON object" in text
+    assert "only_in_work=0" in text

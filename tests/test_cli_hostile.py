@@ -119,7 +119,7 @@ def _failed(error: APIError) -> BatchReport:
 
 @pytest.mark.parametrize("field", ["title", "detail"])
 def test_the_summary_shows_a_hostile_error_literally(field: str) -> None:
-    error = APIError(400, problem={field: HOSTILE}, **{field: HOSTILE})  # type: ignore[arg-type]
+    error = APIError(400, problem={field: HOSTILE}, **{field: HOSTILE})
 
     console = Console(file=io.StringIO(), width=300, color_system=None)
     render_summary(console, _failed(error))

@@ -44,3 +44,27 @@ async def test_a_default_talk_is_the_documented_example_with_its_own_id() -> Non
     expected["talk_id"] = 5
     assert served == expected
     assert beyond == 404
+
+
+def test_faults_can_be_scripted_only_for_routes_the_fake_serves() -> None:
+    fake = FakeKommo()
+
+    with pytest.raises(ValueError, match=r"'leads'.*\['close', 'get', 'list', 'token'\]"):
+        fake.script("leads", 503)
+    with pytest.raises(ValueError, match="'leads'"):
+        fake.random_faults(0.5, routes=("get", "leads"))
+    fake.script("token", 503)
+    assert fake.faults.pending("token") == 1
+
+
+async def test_a_scripted_fault_answers_before_the_token_is_checked() -> None:
+    async with FakeKommo() as fake, aiohttp.ClientSession() as http:
+        fake.script("get", 503)
+        async with http.get(f"{fake.url}/api/v4/talks/1") as response:
+            faulted = response.status
+        async with http.get(f"{fake.url}/api/v4/talks/1") as response:
+            unauthorized = response.status
+
+    assert (faulted, unauthorized) == (503, 401)
+    assert fake.stats.by_route["get"] == 2
+    assert [r.route for r in fake.requests] == ["get", "get"]

@@ -320,7 +320,7 @@ BAD_ANSWERS = [
     pytest.param("refresh_token", answer(refresh_token="NEW-refresh\x00"), id="NUL"),
     pytest.param("expires_in", answer(expires_in=2**62), id="huge-expires_in"),
 ]
-CLIENT = {"client_id": "client-1", "client_secret": "client-secret-0123456789"}
+CLIENT_ID, CLIENT_SECRET = "client-1", "client-secret-0123456789"
 REDIRECT = "https://integration.example/oauth"
 
 
@@ -331,7 +331,7 @@ async def test_refresh_with_a_bad_answer_saves_nothing_and_sends_nothing(
     server = TokenServer(body)
     stale = TokenSet(ACCESS, REFRESH, datetime.now(UTC) - timedelta(minutes=5))
     store = MemoryTokenStore(stale)
-    auth = OAuth2(CLIENT["client_id"], CLIENT["client_secret"], REDIRECT, store)
+    auth = OAuth2(CLIENT_ID, CLIENT_SECRET, REDIRECT, store)
     async with (
         serving(answering_everything(server.handle)) as url,
         KommoClient(url, auth=auth, retry=FAST, rate_limit=None) as client,
@@ -358,7 +358,8 @@ async def test_code_exchange_with_a_bad_answer_writes_no_token_file(
                 "code-0123456789",
                 redirect_uri=REDIRECT,
                 store=FileTokenStore(path),
-                **CLIENT,
+                client_id=CLIENT_ID,
+                client_secret=CLIENT_SECRET,
             )
     assert files_in(tmp_path) == []  # neither the token file nor a temporary one
 

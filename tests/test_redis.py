@@ -53,6 +53,12 @@ BOUND = 10.0
 SLACK = 0.05
 
 
+def must(value: bytes | str | None) -> bytes | str:
+    """A value read from Redis that the test stored before (``None`` fails the test)."""
+    assert value is not None
+    return value
+
+
 @pytest.fixture
 async def r2(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
     """A second connection, as another process would have."""
@@ -134,7 +140,7 @@ async def reserve_and_read_turns(
     for _ in range(count):
         called = time.monotonic() - started
         seen.append(called + await limiter.reserve())
-        following = int(await r.get(limiter.key))  # the next free turn, in µs of Redis' TIME
+        following = int(must(await r.get(limiter.key)))  # the next free turn, in µs of Redis' TIME
         turns.append(following - round(limiter.interval * 1_000_000))
     return seen, turns
 
@@ -211,7 +217,7 @@ async def test_turns_use_the_servers_clock_not_the_callers(r: redis.asyncio.Redi
     await limiter.reserve()
     seconds, micros = await r.time()
     server_now = seconds * 1_000_000 + micros
-    following = int(await r.get("rate"))  # the next free turn, on the server's clock
+    following = int(must(await r.get("rate")))  # the next free turn, on the server's clock
     assert 0 < following - server_now <= round((1 + DEFAULT_MARGIN) * 1_000_000)
 
 
@@ -352,7 +358,7 @@ async def test_store_round_trips_a_pair_as_readable_json(r: redis.asyncio.Redis)
     await store.save(OLD)
     assert await store.load() == OLD
     assert await RedisTokenStore(r, "tokens").load() == OLD
-    assert json.loads(await r.get("tokens")) == OLD.to_json()
+    assert json.loads(must(await r.get("tokens"))) == OLD.to_json()
     assert repr(store) == "RedisTokenStore(key='tokens')"
 
 

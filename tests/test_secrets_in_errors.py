@@ -72,6 +72,7 @@ async def broken_http(answer: Answer | None) -> AsyncIterator[str]:
             body = await reader.readexactly(int(length.group(1))) if length else b""
             if answer is None:
                 await asyncio.Event().wait()  # never answer
+                return
             writer.write(answer(head + body))
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -63,9 +63,9 @@ def message(index: int, message_id: str, **extra: str) -> str:
     return "&".join(f"message[add][{index}][{k}]={quote_plus(v)}" for k, v in fields.items())
 
 
-def decode_error(body: bytes | str | Mapping[str, str], **kwargs: int) -> DecodeError:
+def decode_error(body: bytes | str | Mapping[str, str], *, max_fields: int = 10_000) -> DecodeError:
     with pytest.raises(DecodeError) as caught:
-        parse_webhook(body, **kwargs)
+        parse_webhook(body, max_fields=max_fields)
     return caught.value
 
 

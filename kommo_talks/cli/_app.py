@@ -206,7 +206,7 @@ def cli(verbose: bool) -> None:
     Credentials come from the environment: KOMMO_BASE_URL and KOMMO_TOKEN (a
     long-lived token), or --token-file PATH (OAuth2). `kommo-talks demo`
     needs none. Exit status: 0 ok, 1 a talk failed or Kommo answered an
-    error, 2 usage error.
+    error, 2 usage error, 130 interrupted (Ctrl-C).
     """
     if verbose:
         handler = logging.StreamHandler(sys.stderr)
@@ -322,46 +322,50 @@ async def _close(
 ) -> int:
     if pause:
         await asyncio.sleep(pause)
-    out = Console(stderr=as_json, highlight=False)
-    err = Console(stderr=True, highlight=False)
-    first = talk_ids[0]
-    rest = talk_ids[1:]  # distinct already (collect_ids)
     async with make_client(token_file) as client:
-        # Wrong credentials or host fail once, not once per talk: the first talk
-        # is closed alone, and the rest only if that did not fail for them all.
-        (first_outcome,) = await close_run(client, [first], force=force, concurrency=1).collect()
-        if first_outcome.error is not None and fails_every_talk(first_outcome.error):
-            raise cli_error("the first close failed, so nothing else was sent", first_outcome.error)
-        batch = close_run(client, rest, force=force, concurrency=concurrency)
-        outcomes: dict[int, CloseOutcome] = {first: first_outcome}
-        interrupted = False
-        with ProgressReporter(err, len(talk_ids), "closing") as reporter:
-            reporter.advance(first_outcome)
-
-            def progress(outcome: CloseOutcome) -> None:
-                outcomes[outcome.talk_id] = outcome
-                reporter.advance(outcome)
-
-            try:
-                await batch.collect(progress)
-            except asyncio.CancelledError:
-                interrupted = True
-        report = BatchReport(
-            talk_ids,
-            outcomes,
-            unsent=batch.unsent,
-            stop_error=batch.stop_error,
-            interrupted=interrupted,
-        )
+        report = await _close_all(client, talk_ids, force=force, concurrency=concurrency)
     if as_json:
         write = sys.stdout.write
         for record in report.records():
             write(json_line(record))
         sys.stdout.flush()
-    render_summary(out, report)
-    if interrupted:
+    render_summary(Console(stderr=as_json, highlight=False), report)
+    if report.interrupted:
         raise asyncio.CancelledError  # asyncio.run turns it back into KeyboardInterrupt
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def _close_all(
+    client: KommoClient, talk_ids: list[int], *, force: bool, concurrency: int
+) -> BatchReport:
+    """Close the first talk alone, then the rest (distinct already) with a progress bar."""
+    first, rest = talk_ids[0], talk_ids[1:]
+    # Wrong credentials or host fail once, not once per talk: the first talk
+    # is closed alone, and the rest only if that did not fail for them all.
+    (first_outcome,) = await close_run(client, [first], force=force, concurrency=1).collect()
+    if first_outcome.error is not None and fails_every_talk(first_outcome.error):
+        raise cli_error("the first close failed, so nothing else was sent", first_outcome.error)
+    batch = close_run(client, rest, force=force, concurrency=concurrency)
+    outcomes: dict[int, CloseOutcome] = {first: first_outcome}
+    interrupted = False
+    with ProgressReporter(Console(stderr=True, highlight=False), len(talk_ids), "closing") as bar:
+        bar.advance(first_outcome)
+
+        def progress(outcome: CloseOutcome) -> None:
+            outcomes[outcome.talk_id] = outcome
+            bar.advance(outcome)
+
+        try:
+            await batch.collect(progress)
+        except asyncio.CancelledError:
+            interrupted = True
+    return BatchReport(
+        talk_ids,
+        outcomes,
+        unsent=batch.unsent,
+        stop_error=batch.stop_error,
+        interrupted=interrupted,
+    )
 
 
 def fails_every_talk(error: KommoError) -> bool:
@@ -382,20 +386,48 @@ def fails_every_talk(error: KommoError) -> bool:
     "filters",
     multiple=True,
     metavar="KEY=VALUE",
-    help="A Kommo filter, sent as filter[KEY]=VALUE; repeat a KEY for several values.",
+    help="A Kommo filter, sent as filter[KEY]=VALUE; repeat a KEY for several values. "
+    "only_in_work=0 (or false) sends no key: the flag is on by presence.",
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per talk, per line.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object per talk and line instead."
+)
 @token_file_option
 def list_(filters: Sequence[str], as_json: bool, token_file: str | None) -> NoReturn:
-    """Print every talk's ID, one per line (pipe it into `close --from -`)."""
+    """Print the ID of every talk (that matches the filters), one per line.
+
+    Pipe it into `close --from -`. With --json, each line is the talk as a
+    JSON object instead. Every page is fetched, as the output is written.
+    """
+    try:
+        parsed = parse_filters(filters)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    run(_list(parsed, as_json, token_file))
+
+
+# Kommo's only_in_work works by presence: these values mean "leave it out" (False).
+_OFF = frozenset({"0", "false"})
+
+
+def parse_filters(filters: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` texts as ``iter_talks``' ``filter``: a repeated key gives a list.
+
+    ``only_in_work=0`` (or ``false``) becomes ``False``, which sends no key.
+
+    Raises:
+        ValueError: a text without ``=`` or with an empty key.
+    """
     parsed: dict[str, list[str]] = {}
     for text in filters:
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
-            _fail(f"--filter {text!r}: expected KEY=VALUE", EXIT_USAGE)
+            raise ValueError(f"--filter {text!r}: expected KEY=VALUE")
         parsed.setdefault(key.strip(), []).append(value)
     flat: dict[str, Any] = {k: v[0] if len(v) == 1 else v for k, v in parsed.items()}
-    run(_list(flat, as_json, token_file))
+    if isinstance(flat.get("only_in_work"), str) and flat["only_in_work"].lower() in _OFF:
+        flat["only_in_work"] = False
+    return flat
 
 
 async def _list(filters: dict[str, Any], as_json: bool, token_file: str | None) -> int:

@@ -13,7 +13,10 @@ import collections
 import http
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import attrs
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -37,6 +40,8 @@ SAMPLE_SIZE = 10
 #: request may reach it a few milliseconds after its turn.
 RATE_MARGIN = 0.05
 FAULT_SEED = 7
+# What the fake injects into closes: errors, drops, proxy pages, a close that fails late.
+_FAULTS = (Fault.error(503), Fault.dropped(), Fault.error(502, html=True), Fault.then_error(503))
 
 
 class _AttemptLog(logging.Handler):
@@ -72,78 +77,110 @@ def _phrase(status: int) -> str:
         return ""
 
 
+@attrs.frozen
+class _Settings:
+    talks: int
+    rate: float
+    concurrency: int
+    fault_rate: float
+
+
+@attrs.frozen
+class _Result:
+    outcomes: list[CloseOutcome]
+    elapsed: float
+    closed_on_server: int
+    requests: dict[str, int]
+    throttled: int
+
+
 async def run_demo(*, talks: int, rate: float, concurrency: int, fault_rate: float) -> int:
     """Run the demo; return the exit status (0 when every talk ended closed)."""
+    settings = _Settings(talks, rate, concurrency, fault_rate)
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
-    ids = range(1, talks + 1)
-    faults = [
-        Fault.error(503),
-        Fault.dropped(),
-        Fault.error(502, html=True),
-        Fault.then_error(503),
-    ]
+    with _attempt_log() as attempts:
+        result = await _run(settings, out, err)
+    failed = [o for o in result.outcomes if o.status is CloseStatus.FAILED]
+    _summary(
+        out,
+        talks=talks,
+        counts=collections.Counter(o.status for o in result.outcomes),
+        failed=failed,
+        requests=result.requests,
+        attempts=attempts,
+        throttled=result.throttled,
+        elapsed=result.elapsed,
+        close_requests=result.requests.get("close", 0),
+    )
+    return _verdict(out, settings, result, failed)
+
+
+@contextmanager
+def _attempt_log() -> Iterator[_AttemptLog]:
+    """Count the client's attempts from its DEBUG log lines while the demo runs."""
     attempts = _AttemptLog()
     logger = logging.getLogger("kommo_talks")
     old_level = logger.level
     logger.addHandler(attempts)
     logger.setLevel(logging.DEBUG)
     try:
-        async with FakeKommo(talks=ids, rate_limit=rate, rate_window=1.0, record=False) as fake:
-            # Random faults on closes; the sample's GETs get two scripted ones. (No dropped
-            # GETs: aiohttp silently re-sends an idempotent request on a dropped
-            # keep-alive connection, a request the client's rate limiter never sees.)
-            fake.random_faults(fault_rate, faults, routes=("close",), seed=FAULT_SEED)
-            fake.script("get", 503, Fault.error(502, html=True))
-            retry = RetryPolicy(max_attempts=8)
-            limiter = SlidingWindowRateLimiter(rate, margin=RATE_MARGIN)
-            _header(
-                out, fake, talks=talks, rate=rate, concurrency=concurrency, fault_rate=fault_rate
-            )
-            async with KommoClient(
-                fake.url, auth=LongLivedToken(fake.token), rate_limit=limiter, retry=retry
-            ) as client:
-                sample_ids = range(1, min(SAMPLE_SIZE, talks) + 1)
-                out.print(f"[bold]1.[/] get_talks: a sample of {len(sample_ids)} talks")
-                sample = await client.get_talks(sample_ids, concurrency=concurrency)
-                out.print(_sample_table(sample))
-
-                out.print(f"[bold]2.[/] close_talks(force=True): all {talks} talks")
-                started = time.monotonic()
-                with ProgressReporter(err, talks, "closing") as reporter:
-                    run = close_run(client, ids, force=True, concurrency=concurrency)
-                    outcomes = await run.collect(reporter.advance)
-                elapsed = time.monotonic() - started
-            closed_on_server = len(fake.closed_talks())
-            requests = dict(fake.stats.by_route)
-            throttled = fake.stats.throttled
+        yield attempts
     finally:
         logger.removeHandler(attempts)
         logger.setLevel(old_level)
 
-    counts = collections.Counter(o.status for o in outcomes)
-    failed = [o for o in outcomes if o.status is CloseStatus.FAILED]
-    sent = requests.get("get", 0) + requests.get("close", 0)
-    _summary(
-        out,
-        talks=talks,
-        counts=counts,
-        failed=failed,
-        requests=requests,
-        attempts=attempts,
-        throttled=throttled,
-        elapsed=elapsed,
-        close_requests=requests.get("close", 0),
-    )
-    all_closed = not failed and closed_on_server == talks
-    kommo_time = sent / KOMMO_RATE
+
+async def _run(settings: _Settings, out: Console, err: Console) -> _Result:
+    """Serve the fake with its faults, fetch a sample, close every talk."""
+    ids = range(1, settings.talks + 1)
+    async with FakeKommo(
+        talks=ids, rate_limit=settings.rate, rate_window=1.0, record=False
+    ) as fake:
+        # Random faults on closes; the sample's GETs get two scripted ones. (No dropped
+        # GETs: aiohttp silently re-sends an idempotent request on a dropped
+        # keep-alive connection, a request the client's rate limiter never sees.)
+        fake.random_faults(settings.fault_rate, _FAULTS, routes=("close",), seed=FAULT_SEED)
+        fake.script("get", 503, Fault.error(502, html=True))
+        limiter = SlidingWindowRateLimiter(settings.rate, margin=RATE_MARGIN)
+        _header(out, fake, settings)
+        async with KommoClient(
+            fake.url,
+            auth=LongLivedToken(fake.token),
+            rate_limit=limiter,
+            retry=RetryPolicy(max_attempts=8),
+        ) as client:
+            sample_ids = range(1, min(SAMPLE_SIZE, settings.talks) + 1)
+            out.print(f"[bold]1.[/] get_talks: a sample of {len(sample_ids)} talks")
+            sample = await client.get_talks(sample_ids, concurrency=settings.concurrency)
+            out.print(_sample_table(sample))
+
+            out.print(f"[bold]2.[/] close_talks(force=True): all {settings.talks} talks")
+            started = time.monotonic()
+            with ProgressReporter(err, settings.talks, "closing") as reporter:
+                run = close_run(client, ids, force=True, concurrency=settings.concurrency)
+                outcomes = await run.collect(reporter.advance)
+            elapsed = time.monotonic() - started
+        return _Result(
+            outcomes=outcomes,
+            elapsed=elapsed,
+            closed_on_server=len(fake.closed_talks()),
+            requests=dict(fake.stats.by_route),
+            throttled=fake.stats.throttled,
+        )
+
+
+def _verdict(out: Console, settings: _Settings, result: _Result, failed: list[CloseOutcome]) -> int:
+    """Print how long real Kommo would take and whether every talk closed; the exit status."""
+    talks, closed_on_server = settings.talks, result.closed_on_server
+    sent = result.requests.get("get", 0) + result.requests.get("close", 0)
     out.print(
         f"Real Kommo allows {KOMMO_RATE} requests/s: the same {sent} requests would take "
-        f"about {kommo_time:.0f} s there (the demo's fake allows {rate:g}/s).",
+        f"about {sent / KOMMO_RATE:.0f} s there (the demo's fake allows {settings.rate:g}/s).",
         soft_wrap=True,
     )
-    if all_closed:
-        out.print(f"[bold green]OK[/]: all {talks} talks closed, {throttled} answers 429.")
+    if not failed and closed_on_server == talks:
+        out.print(f"[bold green]OK[/]: all {talks} talks closed, {result.throttled} answers 429.")
         return 0
     out.print(
         f"[bold red]FAILED[/]: {closed_on_server} of {talks} talks closed on the server, "
@@ -152,9 +189,9 @@ async def run_demo(*, talks: int, rate: float, concurrency: int, fault_rate: flo
     return 1
 
 
-def _header(
-    out: Console, fake: FakeKommo, *, talks: int, rate: float, concurrency: int, fault_rate: float
-) -> None:
+def _header(out: Console, fake: FakeKommo, settings: _Settings) -> None:
+    talks, rate = settings.talks, settings.rate
+    concurrency, fault_rate = settings.concurrency, settings.fault_rate
     lines = [
         "[bold]kommo-talks demo[/]: the SDK end to end, no account needed",
         f"  FakeKommo on {fake.url} with {talks} open talks",

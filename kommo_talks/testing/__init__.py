@@ -10,10 +10,12 @@ Import it only in tests and demos (``import kommo_talks`` does not load it)::
             await client.close_talk(1, force=True)
 """
 
-from ._fake import FakeKommo, FakeStats, RecordedRequest, busiest_window, problem_response
+from ._fake import FakeKommo
 from ._faults import Fault
 from ._oauth import FakeOAuth
+from ._stats import FakeStats, RecordedRequest, busiest_window
 from ._webhooks import WebhookDelivery
+from ._wire import problem_response
 
 __all__ = [
     "FakeKommo",

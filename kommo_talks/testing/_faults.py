@@ -11,7 +11,7 @@ import attrs
 __all__ = ["ROUTES", "Fault", "FaultPlan"]
 
 ROUTES = frozenset({"get", "close", "list", "token"})
-"""Route names faults can be scripted for."""
+"""Route names faults can be scripted for by default (FakeKommo passes the routes it serves)."""
 
 
 @attrs.frozen
@@ -78,9 +78,9 @@ class Fault:
 class FaultPlan:
     """The faults waiting for each route: scripted queues first, then random ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, routes: Iterable[str] = ROUTES) -> None:
         self._scripts: dict[str, collections.deque[Fault]] = {
-            route: collections.deque() for route in ROUTES
+            route: collections.deque() for route in routes
         }
         self._random_rate = 0.0
         self._random_faults: Sequence[Fault] = ()
@@ -89,7 +89,7 @@ class FaultPlan:
 
     def script(self, route: str, faults: Iterable[Fault | int]) -> None:
         """Queue faults for the next requests on ``route``, one per request."""
-        _check_route(route)
+        self._check_route(route)
         for fault in faults:
             if isinstance(fault, int) and not isinstance(fault, bool):
                 fault = Fault.error(fault)
@@ -105,7 +105,7 @@ class FaultPlan:
             raise ValueError(f"rate must be within [0, 1], got {rate!r}")
         routes = frozenset(routes)
         for route in routes:
-            _check_route(route)
+            self._check_route(route)
         if rate and not faults:
             raise ValueError("give at least one fault to inject")
         self._random_rate = rate
@@ -136,7 +136,6 @@ class FaultPlan:
             return self._rng.choice(self._random_faults)
         return None
 
-
-def _check_route(route: str) -> None:
-    if route not in ROUTES:
-        raise ValueError(f"unknown route {route!r}; expected one of {sorted(ROUTES)}")
+    def _check_route(self, route: str) -> None:
+        if route not in self._scripts:
+            raise ValueError(f"unknown route {route!r}; expected one of {sorted(self._scripts)}")

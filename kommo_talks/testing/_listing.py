@@ -27,16 +27,16 @@ published clients send):
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
 
-import orjson
 from aiohttp import web
 from yarl import URL
 
-if TYPE_CHECKING:
-    from ._fake import FakeKommo
+from ._talks import Talks, list_item
+from ._wire import Route, hal_response, problem_response
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "list_talks"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "TalkList"]
 
 DEFAULT_PAGE: Final = 1
 DEFAULT_LIMIT: Final = 50
@@ -47,41 +47,65 @@ _STR_FILTERS: Final = frozenset({"entity_type"})
 # filter[KEY], filter[KEY][] and PHP's indexed filter[KEY][0]
 _FILTER_KEY: Final = re.compile(r"filter\[([^\[\]]+)\](?:\[\d*\])?")
 
+# key -> the accepted values; "only_in_work" -> {True}
+_Wanted = dict[str, set[Any]]
 
-async def list_talks(fake: FakeKommo, request: web.Request) -> web.StreamResponse:
-    """Answer a talks list request (see the module docstring)."""
-    from ._fake import HAL_JSON, problem_response
 
-    query = request.query
-    page = _positive_int(query.get("page"), DEFAULT_PAGE)
-    limit = _positive_int(query.get("limit"), DEFAULT_LIMIT)
-    if page is None:
-        return problem_response(400, "page must be a positive integer")
-    if limit is None:
-        return problem_response(400, "limit must be a positive integer")
-    if limit > MAX_LIMIT:
-        return problem_response(422, f"Limit {MAX_LIMIT} per page")
+class ListHost(Protocol):
+    """What :class:`TalkList` reads from the fake that serves it."""
 
-    filters: dict[str, list[str]] = {}
-    for key, value in query.items():
-        match = _FILTER_KEY.fullmatch(key)
-        if match is not None:
-            filters.setdefault(match.group(1), []).append(value)
-    try:
-        wanted = _compile_filters(filters)
-    except ValueError as exc:
-        return problem_response(400, str(exc))
+    @property
+    def url(self) -> str: ...
 
-    ids = sorted(fake.talks)
-    if wanted:
-        ids = [i for i in ids if _matches(fake.talks[i], wanted)]
-    start = (page - 1) * limit
-    chosen = ids[start : start + limit]
-    if not chosen:
-        return web.Response(status=204)
 
-    pairs = [(k, v) for k, v in query.items() if k != "page"]
-    base = URL(fake.url).with_path(_PATH)
+class TalkList:
+    """``GET /api/v4/talks`` (route ``"list"``) over the fake's :class:`Talks`."""
+
+    def __init__(self, host: ListHost, talks: Talks) -> None:
+        self._host = host
+        self._talks = talks
+
+    def routes(self) -> Iterable[Route]:
+        """The one route it serves."""
+        return (Route("GET", _PATH, "list", self.handle),)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer a talks list request (see the module docstring)."""
+        query = request.query
+        page = _positive_int(query.get("page"), DEFAULT_PAGE)
+        limit = _positive_int(query.get("limit"), DEFAULT_LIMIT)
+        if page is None:
+            return problem_response(400, "page must be a positive integer")
+        if limit is None:
+            return problem_response(400, "limit must be a positive integer")
+        if limit > MAX_LIMIT:
+            return problem_response(422, f"Limit {MAX_LIMIT} per page")
+        try:
+            wanted = _compile_filters(_filters(query.items()))
+        except ValueError as exc:
+            return problem_response(400, str(exc))
+        talks = self._talks.by_id
+        ids = [i for i in sorted(talks) if _matches(talks[i], wanted)]
+        start = (page - 1) * limit
+        chosen = ids[start : start + limit]
+        if not chosen:
+            return web.Response(status=204)
+        base = self._host.url
+        return hal_response(
+            {
+                "_page": page,
+                "_links": _links(base, query.items(), page, more=start + limit < len(ids)),
+                "_embedded": {"talks": [list_item(base, i, talks[i]) for i in chosen]},
+            }
+        )
+
+
+def _links(
+    base_url: str, query: Iterable[tuple[str, str]], page: int, *, more: bool
+) -> dict[str, dict[str, str]]:
+    """``self``, ``first``, ``prev`` and ``next`` repeating the query with another page."""
+    pairs = [(k, v) for k, v in query if k != "page"]
+    base = URL(base_url).with_path(_PATH)
 
     def link(number: int) -> dict[str, str]:
         return {"href": str(base.with_query([("page", str(number)), *pairs]))}
@@ -89,14 +113,9 @@ async def list_talks(fake: FakeKommo, request: web.Request) -> web.StreamRespons
     links = {"self": link(page), "first": link(1)}
     if page > 1:
         links["prev"] = link(page - 1)
-    if start + limit < len(ids):
+    if more:
         links["next"] = link(page + 1)
-    body = {
-        "_page": page,
-        "_links": links,
-        "_embedded": {"talks": [fake.list_item(talk_id) for talk_id in chosen]},
-    }
-    return web.Response(body=orjson.dumps(body), content_type=HAL_JSON)
+    return links
 
 
 def _positive_int(raw: str | None, default: int) -> int | None:
@@ -107,8 +126,13 @@ def _positive_int(raw: str | None, default: int) -> int | None:
     return int(raw)
 
 
-# key -> the accepted values; "only_in_work" -> {True}
-_Wanted = dict[str, set[Any]]
+def _filters(query: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    filters: dict[str, list[str]] = {}
+    for key, value in query:
+        match = _FILTER_KEY.fullmatch(key)
+        if match is not None:
+            filters.setdefault(match.group(1), []).append(value)
+    return filters
 
 
 def _compile_filters(filters: dict[str, list[str]]) -> _Wanted:

@@ -11,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import orjson
 from aiohttp import web
 
 from ..tokens import TokenSet
-
-if TYPE_CHECKING:
-    from ._fake import FakeKommo
+from ._wire import PROBLEM_JSON, Route
 
 __all__ = ["OAUTH_PROBLEM_TYPE", "FakeOAuth"]
 
@@ -100,7 +98,7 @@ class FakeOAuth:
 
     def __init__(
         self,
-        fake: FakeKommo | None = None,
+        fake: object = None,
         *,
         strict_rotation: bool = False,
         client_id: str | None = None,
@@ -110,7 +108,7 @@ class FakeOAuth:
         code_ttl: int = 1200,
         latency: float = 0.0,
     ) -> None:
-        self._fake = fake
+        del fake  # accepted for callers that pass their FakeKommo; not needed
         self.strict_rotation = strict_rotation
         self.client_id: str = client_id or f"fake-client-{secrets.token_hex(8)}"
         self.client_secret: str = client_secret or f"fake-secret-{secrets.token_urlsafe(24)}"
@@ -309,9 +307,18 @@ class FakeOAuth:
         if hint is not None:
             body["hint"] = hint
         body.update(title=title, type=OAUTH_PROBLEM_TYPE, status=status, detail=detail)
-        return web.Response(
-            status=status, body=orjson.dumps(body), content_type="application/problem+json"
-        )
+        return web.Response(status=status, body=orjson.dumps(body), content_type=PROBLEM_JSON)
+
+
+class TokenEndpoint:
+    """Serves a :class:`FakeOAuth` as the fake's ``"token"`` route (no bearer token needed)."""
+
+    def __init__(self, oauth: FakeOAuth) -> None:
+        self._oauth = oauth
+
+    def routes(self) -> Iterable[Route]:
+        """``POST /oauth2/access_token``."""
+        return (Route("POST", "/oauth2/access_token", "token", self._oauth.handle, False),)
 
 
 async def _read_params(request: web.Request) -> dict[str, str] | None:

@@ -20,14 +20,11 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
 import attrs
-
-if TYPE_CHECKING:
-    from ._fake import FakeKommo
 
 __all__ = [
     "MANAGER_USER_ID",
@@ -205,11 +202,21 @@ def now() -> int:
     return int(time.time())
 
 
+class WebhooksHost(Protocol):
+    """What :class:`FakeWebhooks` reads from the fake that delivers."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def webhook_timeout(self) -> float: ...
+
+
 class FakeWebhooks:
     """The fake's webhook subscriptions and its delivery task (see ``FakeKommo``)."""
 
-    def __init__(self, fake: FakeKommo) -> None:
-        self._fake = fake
+    def __init__(self, host: WebhooksHost) -> None:
+        self._host = host
         self.urls: list[str] = []
         self.deliveries: list[WebhookDelivery] = []
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
@@ -231,10 +238,46 @@ class FakeWebhooks:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._deliver_all())
 
+    def emit(self, body: bytes) -> bytes:
+        """Queue ``body`` for delivery and return it; ``RuntimeError`` if nobody subscribed."""
+        if not self.urls:
+            raise RuntimeError("no webhook subscribed: call fake.add_webhook(url) first")
+        self.send(body)
+        return body
+
+    def emit_talk(self, action: str, talk: Mapping[str, Any]) -> bytes:
+        """Queue a ``talk[add]`` or ``talk[update]`` delivery of one talk."""
+        return self.emit(talk_event_body(action, [talk], base_url=self._host.url))
+
+    def emit_message(
+        self,
+        talk: Mapping[str, Any],
+        text: str,
+        *,
+        direction: str,
+        author_name: str | None,
+        message_id: str | None,
+    ) -> bytes:
+        """Queue a message delivery (see ``FakeKommo.emit_message`` for the defaults)."""
+        if direction not in ("incoming", "outgoing"):
+            raise ValueError(f"direction must be 'incoming' or 'outgoing', got {direction!r}")
+        if author_name is None:
+            author_name = "Customer" if direction == "incoming" else "Manager"
+        body = message_add_body(
+            talk,
+            text,
+            direction=direction,
+            author_name=author_name,
+            message_id=message_id or str(uuid.uuid4()),
+            created_at=now(),
+            base_url=self._host.url,
+        )
+        return self.emit(body)
+
     def talk_closed(self, talk: dict[str, Any]) -> None:
         """The fake's close listener: a ``talk[update]`` with ``is_in_work`` 0."""
         if self.urls:
-            self.send(talk_event_body("update", [talk], base_url=self._fake.url))
+            self.send(talk_event_body("update", [talk], base_url=self._host.url))
 
     async def idle(self) -> None:
         """Return once every queued delivery has been answered, refused or timed out."""
@@ -267,7 +310,7 @@ class FakeWebhooks:
     async def _deliver(self, url: str, body: bytes) -> WebhookDelivery:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        timeout = aiohttp.ClientTimeout(total=self._fake.webhook_timeout)
+        timeout = aiohttp.ClientTimeout(total=self._host.webhook_timeout)
         headers = {"Content-Type": FORM, "User-Agent": USER_AGENT}
         try:
             async with self._session.post(
