@@ -34,6 +34,7 @@ import builtins
 import inspect
 import re
 import textwrap
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,10 +103,10 @@ ALL_SAMPLES = collect()
 SAMPLES = distinct(ALL_SAMPLES)
 
 
-def compile_sample(sample: Sample) -> object:
-    return compile(
-        sample.code, sample.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True
-    )
+def compile_sample(sample: Sample) -> types.CodeType:
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    code: types.CodeType = compile(sample.code, sample.where, "exec", flags, dont_inherit=True)
+    return code
 
 
 def bound_names(tree: ast.AST) -> set[str]:
@@ -142,7 +143,7 @@ def unknown_names(sample: Sample) -> set[str]:
     return used_names(tree) - bound_names(tree) - known
 
 
-async def run_sample(code: object) -> None:
+async def run_sample(code: types.CodeType) -> None:
     """Run a compiled block like the asyncio REPL does, then its ``main()`` if it has one."""
     namespace: dict[str, object] = {"__name__": "__doc_sample__"}
     result = eval(code, namespace)  # noqa: S307 - the docs' own samples
