@@ -5,10 +5,13 @@ targets are about, and hardware counters are often not exposed (``perf stat``
 prints ``<not supported>`` in containers). ``valgrind --tool=callgrind``
 counts the instructions a process executes exactly, so this benchmark runs a
 client process under callgrind against a server in another process
-(``_server.py``). After a warm-up, the client sends a low and a high number
-of requests with each side, interleaved, and calls ``os.getppid()`` before
-each run: callgrind dumps its counters at every ``getppid``
-(``--dump-before``), so each run is counted on its own. The difference of
+(``_server.py``), one process per side of each pair. After a warm-up, the
+client sends a low and a high number of requests, and calls ``os.getppid()``
+before each run: callgrind dumps its counters at every ``getppid``
+(``--dump-before``), so each run is counted on its own. (Both sides in one
+process, interleaved, would be cheaper, but the run that comes first in
+such a sequence was counted some 18k instructions per request lower than
+the very same code run later: the sides would not be measured alike.) The difference of
 the high and the low count, divided by the difference in requests, is the
 steady cost of one request: start-up, imports and whatever a run costs once
 cancel out.
@@ -50,19 +53,19 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from _server import PAGE_SIZE, ListingServer, Raw, ServerProcess, raw_pages
 
-REQUESTS = (100, 500)
+REQUESTS = (50, 350)
 PAGES = (8, 40)
 LISTED_TALKS = PAGES[1] * PAGE_SIZE
 GET_TARGET = 1.053
 LIST_TARGET = 1.22
-CLOSE_BASELINE = (457_400, 501_600)
+CLOSE_BASELINE = (455_500, 490_500)
 """close_talk when this benchmark was written (raw, SDK instructions per request).
 
-Measured on main at 37407d3 (CPython 3.11.7, aiohttp 3.x, valgrind 3.19):
-close_talk 1.097x raw. The target is that ratio, with 1 % for counting noise
-(repeated runs agree within 0.2 %). get_talk measured 503k vs 440k (1.143x),
-iter_talks 99.4k vs 57.9k per talk (1.715x; the raw loop's count moved up to
-59.8k on a busier machine: how a 145 kB page arrives in chunks varies).
+Measured on main at 37407d3 (CPython 3.11.7, aiohttp 3.x, valgrind 3.19),
+two runs: close_talk 1.075-1.079x raw. The target is that ratio, with 1 % for
+counting noise (runs agree within about 1 % on counts, 0.4 % on ratios).
+The same runs: get_talk 489-493k vs 441-445k (1.107-1.109x), iter_talks
+96.3k vs 61.1k per talk (1.576x).
 """
 CLOSE_TOLERANCE = 1.01
 
@@ -92,8 +95,8 @@ def mark() -> None:
     os.getppid()
 
 
-async def _client(pair_name: str, url: str, token: str) -> None:
-    """Warm up both sides of the pair, then run each count of each side as a marked part."""
+async def _client(pair_name: str, side: int, url: str, token: str) -> None:
+    """Warm up one side (0 raw, 1 SDK) of the pair, then run each count as a marked part."""
     import aiohttp
 
     from kommo_talks import KommoClient, LongLivedToken
@@ -103,13 +106,11 @@ async def _client(pair_name: str, url: str, token: str) -> None:
         aiohttp.ClientSession() as session,
         KommoClient(url, auth=LongLivedToken(token), rate_limit=None) as client,
     ):
-        sides = _sides(pair, session, client, url, token)
-        for run in sides:
-            await run(pair.warmup)
+        run = _sides(pair, session, client, url, token)[side]
+        await run(pair.warmup)
         for count in pair.counts:
-            for run in sides:
-                mark()
-                await run(count)
+            mark()
+            await run(count)
         mark()
 
 
@@ -160,7 +161,7 @@ CLIENT_ENV = {
 """Byte code written and used, as for an installed package: start-up is shorter."""
 
 
-def parts(pair: Pair, url: str, token: str) -> list[int]:
+def parts(pair: Pair, side: int, url: str, token: str) -> list[int]:
     """Instructions of each marked part of one client process of ``pair``, in order."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -173,13 +174,14 @@ def parts(pair: Pair, url: str, token: str) -> list[int]:
             __file__,
             "--client",
             pair.name,
+            str(side),
             url,
             token,
         ]
         subprocess.run(command, check=True, capture_output=True, env=CLIENT_ENV)
         # Dump k holds the part that marker k - 1 began (dump 1: start-up and warm-up);
         # one more dump would mean that something else called getppid.
-        parts = 2 * len(pair.counts)
+        parts = len(pair.counts)
         if out.with_name(f"{out.name}.{parts + 2}").exists():
             raise RuntimeError(f"{pair.name}: more parts than markers; what calls getppid?")
         return [_totals(out.with_name(f"{out.name}.{k}")) for k in range(2, parts + 2)]
@@ -192,12 +194,11 @@ def _totals(dump: Path) -> int:
     raise RuntimeError(f"no totals in {dump.name}")
 
 
-def measure(pair: Pair, url: str, token: str) -> tuple[float, float]:
-    """(raw, SDK) instructions per request or talk: the difference of the two counts."""
-    raw_low, sdk_low, raw_high, sdk_high = parts(pair, url, token)
+def measure(pair: Pair, side: int, url: str, token: str) -> float:
+    """Instructions per request or talk of one side: the difference of the two counts."""
+    low_count, high_count = parts(pair, side, url, token)
     low, high = pair.counts
-    units = (high - low) * pair.per
-    return (raw_high - raw_low) / units, (sdk_high - sdk_low) / units
+    return (high_count - low_count) / ((high - low) * pair.per)
 
 
 def verdict(pair: Pair, raw: float, sdk: float) -> str:
@@ -227,11 +228,11 @@ def main() -> int:
         ThreadPoolExecutor(max(1, min(3, (os.cpu_count() or 1)))) as pool,
     ):
         jobs = [
-            (pair, pool.submit(measure, pair, where.url, where.token))
+            (pair, [pool.submit(measure, pair, side, where.url, where.token) for side in (0, 1)])
             for pair in PAIRS
             for where in [listing if pair.name == "iter_talks" else server]
         ]
-        rows = [(pair, *job.result()) for pair, job in jobs]
+        rows = [(pair, *(job.result() for job in sides)) for pair, sides in jobs]
     print(
         f"instructions per unit (callgrind, client process; difference of {REQUESTS[0]} and "
         f"{REQUESTS[1]} requests, or {PAGES[0]} and {PAGES[1]} pages of {PAGE_SIZE})"
@@ -249,7 +250,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--client"]:
-        _, _, pair_name, url, token = sys.argv
-        asyncio.run(_client(pair_name, url, token))
+        _, _, pair_name, side, url, token = sys.argv
+        asyncio.run(_client(pair_name, int(side), url, token))
     else:
         raise SystemExit(main())
