@@ -29,8 +29,8 @@ when this benchmark was written (``CLOSE_BASELINE``, +1 %); ``iter_talks`` at mo
 1.22x raw per talk (the server takes about as long per page as the raw
 client, so that is ">= 0.9x raw throughput").
 
-Run: ``python benchmarks/bench_instructions.py`` (needs valgrind; about 80 s
-on two cores: callgrind runs code some 50x slower). Counts depend on the Python,
+Run: ``python benchmarks/bench_instructions.py`` (needs valgrind; 2-3 minutes
+on two idle cores: callgrind runs code some 50x slower). Counts depend on the Python,
 aiohttp and valgrind versions: compare ratios, not raw counts, across machines.
 """
 
