@@ -13,35 +13,34 @@ client side is what a benchmark measures:
 It runs in a child process (``multiprocessing``, spawn), optionally pinned to
 one CPU, and reports the CPU time it used when stopped, so a benchmark can
 tell whether the server, not the client, was the bottleneck.
+
+For listings, :class:`ListingServer` runs a ``FakeKommo`` holding many talks
+in a child process. :class:`Raw` and :func:`raw_pages` are the baselines the
+SDK is compared with: plain aiohttp and ``json.loads``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+import aiohttp
 import orjson
-from aiohttp import web
-
-from kommo_talks.testing._fake import example_talk
-from kommo_talks.testing._fake import talk_payload as fake_talk_payload
 
 TOKEN = "bench-long-lived-token"
+CLOSE_BODY = b'{"force_close":true}'
+PAGE_SIZE = 250
 
 _TALKS_PREFIX = "/api/v4/talks/"
-
-
-def talk_payload(base: str, talk_id: int) -> dict[str, Any]:
-    """The JSON of one talk, as ``GET /api/v4/talks/{id}`` answers it (FakeKommo's shape)."""
-    return fake_talk_payload(base, talk_id, example_talk(talk_id))
 
 
 def pin_to_cpu(cpu: int | None) -> str:
@@ -67,6 +66,11 @@ def _serve(conn: Connection, cpu: int | None, close_answer: CloseAnswer | None) 
 
 
 async def _serve_async(conn: Connection, pinned: str, close_answer: CloseAnswer | None) -> None:
+    # Imported here: a client process importing this module need not load them.
+    from aiohttp import web
+
+    from kommo_talks.testing._fake import example_talk, talk_payload
+
     base = ""
     answered = 0
     accepted = {"GET", "POST"}
@@ -90,7 +94,7 @@ async def _serve_async(conn: Connection, pinned: str, close_answer: CloseAnswer 
         if not rest.isdigit():
             return web.Response(status=404)
         return web.Response(
-            body=orjson.dumps(talk_payload(base, int(rest))),
+            body=orjson.dumps(talk_payload(base, int(rest), example_talk(int(rest)))),
             content_type="application/hal+json",
         )
 
@@ -184,3 +188,109 @@ def peak_rss_kib() -> int:
     """The process's peak resident set size so far, in KiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak // 1024 if sys.platform == "darwin" else peak
+
+
+class Raw:
+    """The baseline of single requests: plain aiohttp and ``json.loads``."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, token: str) -> None:
+        self.session = session
+        self.talks = f"{base}/api/v4/talks/"
+        self.get_headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self.post_headers = {**self.get_headers, "Content-Type": "application/json"}
+
+    async def get(self, talk_id: int) -> None:
+        """``GET /api/v4/talks/{id}`` and ``json.loads`` of the body."""
+        async with self.session.get(f"{self.talks}{talk_id}", headers=self.get_headers) as r:
+            body = await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"GET answered {r.status}")
+        json.loads(body)
+
+    async def close(self, talk_id: int) -> None:
+        """``POST /api/v4/talks/{id}/close`` with ``force_close``."""
+        async with self.session.post(
+            f"{self.talks}{talk_id}/close", data=CLOSE_BODY, headers=self.post_headers
+        ) as r:
+            await r.read()
+            if r.status != 202:
+                raise RuntimeError(f"POST answered {r.status}")
+
+
+async def raw_pages(
+    session: aiohttp.ClientSession,
+    base: str,
+    token: str,
+    *,
+    pages: int | None = None,
+    loads: Callable[[bytes], Any] = json.loads,
+    decode: Callable[[list[Any]], object] | None = None,
+) -> int:
+    """The baseline of listings: follow ``_links.next.href`` by hand, ``loads`` each page.
+
+    Stops after ``pages`` pages if given; with ``decode`` (a control), each
+    page's talks are also handed to it. Returns the number of talks seen.
+    """
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    url: str | None = f"{base}/api/v4/talks?page=1&limit={PAGE_SIZE}"
+    count = fetched = 0
+    while url is not None and (pages is None or fetched < pages):
+        async with session.get(url, headers=headers) as response:
+            if response.status == 204:
+                break
+            response.raise_for_status()
+            data = loads(await response.read())
+        fetched += 1
+        talks = data["_embedded"]["talks"]
+        if decode is not None:
+            decode(talks)
+        for _talk in talks:
+            count += 1
+        if not talks:
+            break
+        link = data.get("_links", {}).get("next")
+        url = link["href"] if link else None
+    return count
+
+
+def _serve_listing(conn: Connection, talks: int) -> None:
+    asyncio.run(_serve_listing_async(conn, talks))
+
+
+async def _serve_listing_async(conn: Connection, talks: int) -> None:
+    from kommo_talks.testing import FakeKommo
+
+    async with FakeKommo(talks=range(1, talks + 1), record=False) as fake:
+        conn.send((fake.url, fake.token))
+        # Serve until the parent says stop (or goes away).
+        await asyncio.get_running_loop().run_in_executor(None, _receive, conn)
+
+
+class ListingServer:
+    """A ``FakeKommo`` holding ``talks`` talks, in a child process.
+
+    ``with ListingServer(10_000) as server:`` starts it; ``server.url`` and
+    ``server.token`` address it.
+    """
+
+    def __init__(self, talks: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve_listing, args=(child, talks), daemon=True)
+        self.url = ""
+        self.token = ""
+
+    def __enter__(self) -> ListingServer:
+        self._process.start()
+        if not self._conn.poll(30):
+            raise RuntimeError("the listing server did not start")
+        self.url, self.token = self._conn.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send("stop")
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()

@@ -27,7 +27,6 @@ Run: ``python benchmarks/bench_throughput.py`` (bounded: about a minute; loopbac
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -39,14 +38,13 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from _server import ServerProcess, measured, pin_to_cpu
+from _server import Raw, ServerProcess, measured, pin_to_cpu
 
 CONCURRENCIES = (1, 10, 50)
 REQUESTS = {1: 800, 10: 1500, 50: 1500}
 ROUNDS = 8
 TARGET = 0.95
 CLIENT_CPU, SERVER_CPU = 0, 1
-CLOSE_BODY = b'{"force_close":true}'
 
 
 async def drive(one: Callable[[int], Awaitable[object]], ids: range, concurrency: int) -> None:
@@ -58,31 +56,6 @@ async def drive(one: Callable[[int], Awaitable[object]], ids: range, concurrency
             await one(talk_id)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-
-class Raw:
-    """The baseline: plain aiohttp and ``json.loads``."""
-
-    def __init__(self, session: aiohttp.ClientSession, base: str, token: str) -> None:
-        self.session = session
-        self.talks = f"{base}/api/v4/talks/"
-        self.get_headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        self.post_headers = {**self.get_headers, "Content-Type": "application/json"}
-
-    async def get(self, talk_id: int) -> None:
-        async with self.session.get(f"{self.talks}{talk_id}", headers=self.get_headers) as r:
-            body = await r.read()
-            if r.status != 200:
-                raise RuntimeError(f"GET answered {r.status}")
-        json.loads(body)
-
-    async def close(self, talk_id: int) -> None:
-        async with self.session.post(
-            f"{self.talks}{talk_id}/close", data=CLOSE_BODY, headers=self.post_headers
-        ) as r:
-            await r.read()
-            if r.status != 202:
-                raise RuntimeError(f"POST answered {r.status}")
 
 
 async def run_case(
