@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import socket
 import stat
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +20,9 @@ import pytest
 from kommo_talks.testing import FakeKommo, Fault
 
 ROOT = Path(__file__).resolve().parent.parent
+# The shared rate limit files of the commands run here: never the user's real cache.
+CACHE_HOME = tempfile.mkdtemp(prefix="kommo-talks-test-cache-")
+atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
 
 
 @attrs.frozen
@@ -33,6 +39,7 @@ def cli_env(fake: FakeKommo | None = None, **changes: str | None) -> dict[str, s
     env["NO_COLOR"] = "1"
     env["COLUMNS"] = "160"
     env["KOMMO_TALKS_RETRY_BASE_DELAY"] = "0.001"  # no seconds of backoff in tests
+    env["XDG_CACHE_HOME"] = CACHE_HOME
     if fake is not None:
         env["KOMMO_BASE_URL"] = fake.url
         env["KOMMO_TOKEN"] = fake.token
