@@ -148,6 +148,23 @@ async def test_a_bad_base_url_is_a_usage_error(fake: FakeKommo) -> None:
     assert_one_line_error(result, "KOMMO_BASE_URL")
 
 
+@pytest.mark.parametrize("command", [["get", "1"], ["close", "1"], ["list"]])
+@pytest.mark.parametrize("where", ["inside", "before", "after"])
+async def test_a_base_url_with_a_space_is_a_usage_error(
+    fake: FakeKommo, command: list[str], where: str
+) -> None:
+    url = {
+        "inside": "https://exa mple.kommo.com",
+        "before": f" {fake.url}",
+        "after": f"{fake.url} ",
+    }
+    result = await kommo_talks(*command, env=cli_env(fake, KOMMO_BASE_URL=url[where]))
+
+    assert result.code == 2
+    assert_one_line_error(result, "KOMMO_BASE_URL", "must not contain spaces")
+    assert fake.stats.requests == 0
+
+
 async def test_an_unreachable_host_is_one_line_and_nothing_is_closed() -> None:
     env = cli_env(KOMMO_BASE_URL=f"http://127.0.0.1:{closed_port()}", KOMMO_TOKEN="x")
 

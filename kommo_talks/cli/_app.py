@@ -436,7 +436,8 @@ def list_(
     """Print the ID of every talk (that matches the filters), one per line.
 
     Pipe it into `close --from -`. With --json, each line is the talk as a
-    JSON object instead. Every page is fetched, as the output is written.
+    JSON object instead (as `get --json` prints it, plus the list's status).
+    Every page is fetched, as the output is written.
     """
     try:
         parsed = parse_filters(filters)
