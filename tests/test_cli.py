@@ -511,7 +511,7 @@ async def test_demo_runs_end_to_end_and_exits_0() -> None:
 
     assert result.code == 0, result.err
     assert "all 40 talks closed, 0 answers 429" in result.out
-    assert "retries ridden out" in result.out
+    assert "injected faults" in result.out
     assert "closing: 40/40 (100%)" in result.err
 
 
