@@ -75,7 +75,9 @@ async def test_every_indented_number_adds_up_to_the_row_above() -> None:
     for route in ("get", "close"):
         assert sent[route] == first[route] + faults.get(route, 0)
     # The banner's open and closed talks are the summary's.
-    opened, closed = map(int, re.search(r"\((\d+) open, (\d+) closed already\)", out).groups())
+    banner = re.search(r"\((\d+) open, (\d+) closed already\)", out)
+    assert banner, out
+    opened, closed = map(int, banner.groups())
     assert by_name["open at the start"].value == opened
     assert by_name["closed at the start"].value + by_name["already closed"].value == closed
     # Faults hit the sample's GETs as the banner says: two of them.

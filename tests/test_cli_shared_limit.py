@@ -240,3 +240,19 @@ async def test_no_shared_limit_keeps_the_limit_per_process(tmp_path: Path) -> No
     # Two processes at 7/s each against one account's 7/s.
     assert fake.stats.throttled > 0
     assert not (tmp_path / "kommo-talks").exists()
+
+
+async def test_an_unusable_cache_folder_warns_once_and_the_command_still_works(
+    fake: FakeKommo, tmp_path: Path
+) -> None:
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    env = cli_env(fake, XDG_CACHE_HOME=str(not_a_folder))
+
+    result = await kommo_talks("close", "1", "2", "3", "--force", env=env)
+
+    assert result.code == 0, result.err
+    assert fake.closed_talks() == [1, 2, 3]
+    warnings = [line for line in result.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "keeps the limit by itself" in warnings[0]
