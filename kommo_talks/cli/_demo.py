@@ -225,7 +225,7 @@ def summary_table(result: _Result) -> Table:
         ("[red]failed[/]" if failed else "failed", len(failed), _reasons(failed)),
         ("requests sent", get + close, f"get {get} + close {close}"),
         ("  first attempts", first, f"get {result.sample} (the sample) + close {talks}"),
-        ("  retries", get + close - first, "one per injected fault and per 429 answer"),
+        ("  retries", get + close - first, _RETRIES),
         ("injected faults", faults.total(), _by_route(result.faults, None)),
     ]
     rows += [(f"  {label}", n, _by_route(result.faults, label)) for label, n in faults.items()]
@@ -243,6 +243,7 @@ def summary_table(result: _Result) -> Table:
     return table
 
 
+_RETRIES = "one per injected fault and per 429 answer (a failed talk's last one is not retried)"
 _CLOSED_BEFORE = (
     "a failed first attempt, then 422: the SDK takes it as that attempt's close (it may be)"
 )
