@@ -256,3 +256,20 @@ async def test_an_unusable_cache_folder_warns_once_and_the_command_still_works(
     warnings = [line for line in result.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
     assert "keeps the limit by itself" in warnings[0]
+
+
+@pytest.mark.parametrize("command", [["get", "1"], ["list"]])
+async def test_get_and_list_share_the_limit_unless_told_not_to(
+    fake: FakeKommo, tmp_path: Path, command: list[str]
+) -> None:
+    env = cli_env(fake, XDG_CACHE_HOME=str(tmp_path))
+    folder = tmp_path / "kommo-talks"
+
+    alone = await kommo_talks(*command, "--no-shared-limit", env=env)
+    assert alone.code == 0, alone.err
+    assert not folder.exists()
+
+    shared = await kommo_talks(*command, env=env)
+    assert shared.code == 0, shared.err
+    (limit,) = folder.glob("ratelimit-*.json")
+    assert len(json.loads(limit.read_bytes())) == 1  # its one request
