@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import socket
 import stat
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +20,9 @@ import pytest
 from kommo_talks.testing import FakeKommo, Fault
 
 ROOT = Path(__file__).resolve().parent.parent
+# The shared rate limit files of the commands run here: never the user's real cache.
+CACHE_HOME = tempfile.mkdtemp(prefix="kommo-talks-test-cache-")
+atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
 
 
 @attrs.frozen
@@ -33,6 +39,7 @@ def cli_env(fake: FakeKommo | None = None, **changes: str | None) -> dict[str, s
     env["NO_COLOR"] = "1"
     env["COLUMNS"] = "160"
     env["KOMMO_TALKS_RETRY_BASE_DELAY"] = "0.001"  # no seconds of backoff in tests
+    env["XDG_CACHE_HOME"] = CACHE_HOME
     if fake is not None:
         env["KOMMO_BASE_URL"] = fake.url
         env["KOMMO_TOKEN"] = fake.token
@@ -139,6 +146,23 @@ async def test_a_bad_base_url_is_a_usage_error(fake: FakeKommo) -> None:
 
     assert result.code == 2
     assert_one_line_error(result, "KOMMO_BASE_URL")
+
+
+@pytest.mark.parametrize("command", [["get", "1"], ["close", "1"], ["list"]])
+@pytest.mark.parametrize("where", ["inside", "before", "after"])
+async def test_a_base_url_with_a_space_is_a_usage_error(
+    fake: FakeKommo, command: list[str], where: str
+) -> None:
+    url = {
+        "inside": "https://exa mple.kommo.com",
+        "before": f" {fake.url}",
+        "after": f"{fake.url} ",
+    }
+    result = await kommo_talks(*command, env=cli_env(fake, KOMMO_BASE_URL=url[where]))
+
+    assert result.code == 2
+    assert_one_line_error(result, "KOMMO_BASE_URL", "must not contain spaces")
+    assert fake.stats.requests == 0
 
 
 async def test_an_unreachable_host_is_one_line_and_nothing_is_closed() -> None:
@@ -487,7 +511,7 @@ async def test_demo_runs_end_to_end_and_exits_0() -> None:
 
     assert result.code == 0, result.err
     assert "all 40 talks closed, 0 answers 429" in result.out
-    assert "retries ridden out" in result.out
+    assert "injected faults" in result.out
     assert "closing: 40/40 (100%)" in result.err
 
 

@@ -29,9 +29,10 @@ from ..errors import (
     UnauthorizedError,
 )
 from ..models import CloseOutcome
-from ..ratelimit import DEFAULT_MARGIN
+from ..ratelimit import DEFAULT_MARGIN, RateLimiter
 from ._input import InputError, collect_ids, parse_talk_id, source_name
 from ._output import BatchReport, ProgressReporter, one_line, render_summary, talk_table
+from ._shared_limit import KOMMO_RATE, SharedWindowRateLimiter, cache_folder, limit_file
 from ._text import json_line, printable, printable_lines
 
 __all__ = ["cli"]
@@ -108,16 +109,34 @@ def _env(name: str, what: str) -> str:
 
 
 def _base_url() -> str:
-    return _env("KOMMO_BASE_URL", "the account's address, e.g. https://example.kommo.com")
+    _env("KOMMO_BASE_URL", "the account's address, e.g. https://example.kommo.com")
+    # Not stripped: a space anywhere in it is refused (exit 2), like the library does.
+    return os.environ["KOMMO_BASE_URL"]
 
 
-def make_client(token_file: str | None) -> KommoClient:
+def _rate_limit(base_url: str, shared: bool) -> RateLimiter | float:
+    """The limiter of a command: the account's shared window (see ``_shared_limit``), or 7/s."""
+    if not shared:
+        return KOMMO_RATE
+    try:
+        path = limit_file(base_url, cache_folder())
+    except ValueError as exc:
+        raise CLIError(f"KOMMO_BASE_URL: {exc}", EXIT_USAGE) from None
+    return SharedWindowRateLimiter(
+        path, KOMMO_RATE, warn=lambda message: click.echo(f"warning: {message}", err=True)
+    )
+
+
+def make_client(token_file: str | None, *, shared_limit: bool = True) -> KommoClient:
     """A client of the account named by the environment (see ``docs/cli.md``).
 
     ``--token-file`` (OAuth2 with a ``FileTokenStore`` and the
     ``KOMMO_CLIENT_*`` variables) wins over ``KOMMO_TOKEN`` (a long-lived token).
+    With ``shared_limit`` (the default), the rate limit is shared with every
+    other ``kommo-talks`` process of the account on this host.
     """
     base_url = _base_url()
+    rate_limit = _rate_limit(base_url, shared_limit)
     auth: Any
     if token_file is not None:
         from ..oauth import OAuth2
@@ -143,7 +162,7 @@ def make_client(token_file: str | None) -> KommoClient:
         except ValueError as exc:
             raise CLIError(f"KOMMO_TOKEN: {exc}", EXIT_USAGE) from None
     try:
-        return KommoClient(base_url, auth=auth, retry=_retry_policy())
+        return KommoClient(base_url, auth=auth, retry=_retry_policy(), rate_limit=rate_limit)
     except ValueError as exc:
         raise CLIError(f"KOMMO_BASE_URL: {exc}", EXIT_USAGE) from None
 
@@ -186,6 +205,17 @@ def token_file_option(function: F) -> F:
     )(function)
 
 
+def shared_limit_option(function: F) -> F:
+    """The ``--no-shared-limit`` option of every command that talks to Kommo."""
+    return click.option(
+        "--no-shared-limit",
+        "no_shared_limit",
+        is_flag=True,
+        help="Keep the rate limit in this process only, not shared with other kommo-talks "
+        "commands of the account on this host (through a file in ~/.cache/kommo-talks).",
+    )(function)
+
+
 class PrintableFormatter(logging.Formatter):
     """Log lines of ``--verbose`` with control characters escaped (a URL path may be Kommo's)."""
 
@@ -220,17 +250,18 @@ def cli(verbose: bool) -> None:
 @click.argument("talk_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print the talk as Kommo's JSON.")
 @token_file_option
-def get(talk_id: str, as_json: bool, token_file: str | None) -> NoReturn:
+@shared_limit_option
+def get(talk_id: str, as_json: bool, token_file: str | None, no_shared_limit: bool) -> NoReturn:
     """Show one talk."""
     try:
         parsed = parse_talk_id(talk_id, "ID")
     except InputError as exc:
         _fail(str(exc), EXIT_USAGE)
-    run(_get(parsed, as_json, token_file))
+    run(_get(parsed, as_json, token_file, shared_limit=not no_shared_limit))
 
 
-async def _get(talk_id: int, as_json: bool, token_file: str | None) -> int:
-    async with make_client(token_file) as client:
+async def _get(talk_id: int, as_json: bool, token_file: str | None, *, shared_limit: bool) -> int:
+    async with make_client(token_file, shared_limit=shared_limit) as client:
         with api_errors(f"talk {talk_id}"):
             talk = await client.get_talk(talk_id)
     if as_json:
@@ -260,6 +291,7 @@ async def _get(talk_id: int, as_json: bool, token_file: str | None) -> int:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per talk.")
 @token_file_option
+@shared_limit_option
 def close(
     ids: Sequence[str],
     source: IO[str] | None,
@@ -267,6 +299,7 @@ def close(
     concurrency: int,
     as_json: bool,
     token_file: str | None,
+    no_shared_limit: bool,
 ) -> NoReturn:
     """Close talks given as arguments and/or read with --from.
 
@@ -285,8 +318,9 @@ def close(
         click.echo(f"no talk IDs in {source_name(source)}: nothing to close", err=True)
         sys.exit(EXIT_OK)
     # After a pipe from `kommo-talks list`, whose last requests count in the same
-    # rate window as this one's first (both use the account's limit): wait it out.
-    pause = PIPE_PAUSE if source is not None and _is_pipe(source) else 0.0
+    # rate window as this one's first: wait it out, unless the shared limit knows them.
+    piped = source is not None and _is_pipe(source)
+    pause = PIPE_PAUSE if piped and no_shared_limit else 0.0
     run(
         _close(
             talk_ids,
@@ -295,12 +329,13 @@ def close(
             as_json=as_json,
             token_file=token_file,
             pause=pause,
+            shared_limit=not no_shared_limit,
         )
     )
 
 
 PIPE_PAUSE = 1.0 + DEFAULT_MARGIN
-"""Seconds ``close`` waits before its first request when its input is a pipe."""
+"""Seconds ``close --no-shared-limit`` waits before its first request when its input is a pipe."""
 
 
 def _is_pipe(source: IO[str]) -> bool:
@@ -319,10 +354,11 @@ async def _close(
     as_json: bool,
     token_file: str | None,
     pause: float = 0.0,
+    shared_limit: bool = True,
 ) -> int:
     if pause:
         await asyncio.sleep(pause)
-    async with make_client(token_file) as client:
+    async with make_client(token_file, shared_limit=shared_limit) as client:
         report = await _close_all(client, talk_ids, force=force, concurrency=concurrency)
     if as_json:
         write = sys.stdout.write
@@ -393,17 +429,21 @@ def fails_every_talk(error: KommoError) -> bool:
     "--json", "as_json", is_flag=True, help="Print one JSON object per talk and line instead."
 )
 @token_file_option
-def list_(filters: Sequence[str], as_json: bool, token_file: str | None) -> NoReturn:
+@shared_limit_option
+def list_(
+    filters: Sequence[str], as_json: bool, token_file: str | None, no_shared_limit: bool
+) -> NoReturn:
     """Print the ID of every talk (that matches the filters), one per line.
 
     Pipe it into `close --from -`. With --json, each line is the talk as a
-    JSON object instead. Every page is fetched, as the output is written.
+    JSON object instead (as `get --json` prints it, plus the list's status).
+    Every page is fetched, as the output is written.
     """
     try:
         parsed = parse_filters(filters)
     except ValueError as exc:
         _fail(str(exc), EXIT_USAGE)
-    run(_list(parsed, as_json, token_file))
+    run(_list(parsed, as_json, token_file, shared_limit=not no_shared_limit))
 
 
 # Kommo's only_in_work works by presence: these values mean "leave it out" (False).
@@ -430,9 +470,11 @@ def parse_filters(filters: Sequence[str]) -> dict[str, Any]:
     return flat
 
 
-async def _list(filters: dict[str, Any], as_json: bool, token_file: str | None) -> int:
+async def _list(
+    filters: dict[str, Any], as_json: bool, token_file: str | None, *, shared_limit: bool
+) -> int:
     out = sys.stdout
-    async with make_client(token_file) as client:
+    async with make_client(token_file, shared_limit=shared_limit) as client:
         try:
             talks = client.iter_talks(filter=filters or None)
         except ValueError as exc:

@@ -10,11 +10,9 @@ to sit through. The code path is the one a real account gets.
 from __future__ import annotations
 
 import collections
-import http
-import logging
+import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import attrs
 from rich import box
@@ -29,6 +27,7 @@ from ..models import CloseOutcome, CloseStatus, Talk
 from ..ratelimit import SlidingWindowRateLimiter
 from ..retry import RetryPolicy
 from ..testing import FakeKommo, Fault
+from ..testing._talks import varied_talk
 from ._output import ProgressReporter, reason
 from ._text import plain
 
@@ -40,41 +39,35 @@ SAMPLE_SIZE = 10
 #: request may reach it a few milliseconds after its turn.
 RATE_MARGIN = 0.05
 FAULT_SEED = 7
+#: The seed of the fake's varied talks (its first ten show every origin and entity kind).
+TALK_SEED = 13
 # What the fake injects into closes: errors, drops, proxy pages, a close that fails late.
-_FAULTS = (Fault.error(503), Fault.dropped(), Fault.error(502, html=True), Fault.then_error(503))
+_CLOSE_FAULTS: tuple[tuple[str, Fault], ...] = (
+    ("503 Service Unavailable", Fault.error(503)),
+    ("dropped connection", Fault.dropped()),
+    ("502 Bad Gateway (an HTML page)", Fault.error(502, html=True)),
+    ("503 after the close went through", Fault.then_error(503)),
+)
+# The sample's first two GETs: a 503 and a proxy's page. (No dropped GETs: aiohttp
+# silently re-sends an idempotent request on a dropped keep-alive connection, a
+# request the client's rate limiter never sees.)
+_GET_FAULTS = (_CLOSE_FAULTS[0], _CLOSE_FAULTS[2])
+_NO_FAULT = Fault()
+
+Script = Sequence[tuple[str, Fault] | None]
 
 
-class _AttemptLog(logging.Handler):
-    """Counts the client's attempts from its DEBUG lines: retries, and what went wrong."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.attempts = 0
-        self.retries = 0
-        self.faults: collections.Counter[str] = collections.Counter()
-        self.ambiguous_closes = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        args = record.args
-        if not isinstance(args, tuple) or len(args) != 5:
-            return
-        _method, _path, status, _ms, attempt = args
-        self.attempts += 1
-        if isinstance(attempt, int) and attempt > 1:
-            self.retries += 1
-        if isinstance(status, str):
-            self.faults["dropped connection"] += 1
-        elif isinstance(status, int) and (status >= 500 or status == 429):
-            self.faults[f"{status} {_phrase(status)}"] += 1
-        elif status == 422 and isinstance(attempt, int) and attempt > 1:
-            self.ambiguous_closes += 1
+def fault_script(
+    requests: int, rate: float, seed: int = FAULT_SEED
+) -> list[tuple[str, Fault] | None]:
+    """One entry per close request in arrival order: a ``(label, fault)`` with odds ``rate``."""
+    rng = random.Random(seed)
+    return [rng.choice(_CLOSE_FAULTS) if rng.random() < rate else None for _ in range(requests)]
 
 
-def _phrase(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return ""
+def injected(script: Script, requests: int) -> collections.Counter[str]:
+    """The faults the first ``requests`` requests met, by label (the fake serves them in order)."""
+    return collections.Counter(item[0] for item in script[:requests] if item is not None)
 
 
 @attrs.frozen
@@ -89,8 +82,11 @@ class _Settings:
 class _Result:
     outcomes: list[CloseOutcome]
     elapsed: float
+    closed_at_start: frozenset[int]
     closed_on_server: int
+    sample: int
     requests: dict[str, int]
+    faults: dict[str, collections.Counter[str]]
     throttled: int
 
 
@@ -99,58 +95,30 @@ async def run_demo(*, talks: int, rate: float, concurrency: int, fault_rate: flo
     settings = _Settings(talks, rate, concurrency, fault_rate)
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
-    with _attempt_log() as attempts:
-        result = await _run(settings, out, err)
-    failed = [o for o in result.outcomes if o.status is CloseStatus.FAILED]
-    _summary(
-        out,
-        talks=talks,
-        counts=collections.Counter(o.status for o in result.outcomes),
-        failed=failed,
-        requests=result.requests,
-        attempts=attempts,
-        throttled=result.throttled,
-        elapsed=result.elapsed,
-        close_requests=result.requests.get("close", 0),
-    )
-    return _verdict(out, settings, result, failed)
-
-
-@contextmanager
-def _attempt_log() -> Iterator[_AttemptLog]:
-    """Count the client's attempts from its DEBUG log lines while the demo runs."""
-    attempts = _AttemptLog()
-    logger = logging.getLogger("kommo_talks")
-    old_level = logger.level
-    logger.addHandler(attempts)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield attempts
-    finally:
-        logger.removeHandler(attempts)
-        logger.setLevel(old_level)
+    result = await _run(settings, out, err)
+    out.print()
+    out.print(summary_table(result))
+    return _verdict(out, settings, result)
 
 
 async def _run(settings: _Settings, out: Console, err: Console) -> _Result:
-    """Serve the fake with its faults, fetch a sample, close every talk."""
+    """Serve the fake with its talks and faults, fetch a sample, close every talk."""
     ids = range(1, settings.talks + 1)
-    async with FakeKommo(
-        talks=ids, rate_limit=settings.rate, rate_window=1.0, record=False
-    ) as fake:
-        # Random faults on closes; the sample's GETs get two scripted ones. (No dropped
-        # GETs: aiohttp silently re-sends an idempotent request on a dropped
-        # keep-alive connection, a request the client's rate limiter never sees.)
-        fake.random_faults(settings.fault_rate, _FAULTS, routes=("close",), seed=FAULT_SEED)
-        fake.script("get", 503, Fault.error(502, html=True))
-        limiter = SlidingWindowRateLimiter(settings.rate, margin=RATE_MARGIN)
-        _header(out, fake, settings)
+    close_script = fault_script(3 * settings.talks + 20, settings.fault_rate)
+    async with FakeKommo(talks=(), rate_limit=settings.rate, rate_window=1.0, record=False) as fake:
+        for talk_id in ids:
+            fake.talks[talk_id] = varied_talk(talk_id, seed=TALK_SEED)
+        closed_at_start = frozenset(fake.closed_talks())
+        fake.script("close", *(_NO_FAULT if item is None else item[1] for item in close_script))
+        fake.script("get", *(fault for _, fault in _GET_FAULTS))
+        _header(out, fake, settings, len(closed_at_start))
+        sample_ids = range(1, min(SAMPLE_SIZE, settings.talks) + 1)
         async with KommoClient(
             fake.url,
             auth=LongLivedToken(fake.token),
-            rate_limit=limiter,
+            rate_limit=SlidingWindowRateLimiter(settings.rate, margin=RATE_MARGIN),
             retry=RetryPolicy(max_attempts=8),
         ) as client:
-            sample_ids = range(1, min(SAMPLE_SIZE, settings.talks) + 1)
             out.print(f"[bold]1.[/] get_talks: a sample of {len(sample_ids)} talks")
             sample = await client.get_talks(sample_ids, concurrency=settings.concurrency)
             out.print(_sample_table(sample))
@@ -161,18 +129,26 @@ async def _run(settings: _Settings, out: Console, err: Console) -> _Result:
                 run = close_run(client, ids, force=True, concurrency=settings.concurrency)
                 outcomes = await run.collect(reporter.advance)
             elapsed = time.monotonic() - started
+        requests = dict(fake.stats.by_route)
         return _Result(
             outcomes=outcomes,
             elapsed=elapsed,
+            closed_at_start=closed_at_start,
             closed_on_server=len(fake.closed_talks()),
-            requests=dict(fake.stats.by_route),
+            sample=len(sample_ids),
+            requests=requests,
+            faults={
+                "get": injected(_GET_FAULTS, requests.get("get", 0)),
+                "close": injected(close_script, requests.get("close", 0)),
+            },
             throttled=fake.stats.throttled,
         )
 
 
-def _verdict(out: Console, settings: _Settings, result: _Result, failed: list[CloseOutcome]) -> int:
+def _verdict(out: Console, settings: _Settings, result: _Result) -> int:
     """Print how long real Kommo would take and whether every talk closed; the exit status."""
     talks, closed_on_server = settings.talks, result.closed_on_server
+    failed = sum(o.status is CloseStatus.FAILED for o in result.outcomes)
     sent = result.requests.get("get", 0) + result.requests.get("close", 0)
     out.print(
         f"Real Kommo allows {KOMMO_RATE} requests/s: the same {sent} requests would take "
@@ -184,23 +160,24 @@ def _verdict(out: Console, settings: _Settings, result: _Result, failed: list[Cl
         return 0
     out.print(
         f"[bold red]FAILED[/]: {closed_on_server} of {talks} talks closed on the server, "
-        f"{len(failed)} failed."
+        f"{failed} failed."
     )
     return 1
 
 
-def _header(out: Console, fake: FakeKommo, settings: _Settings) -> None:
+def _header(out: Console, fake: FakeKommo, settings: _Settings, closed: int) -> None:
     talks, rate = settings.talks, settings.rate
-    concurrency, fault_rate = settings.concurrency, settings.fault_rate
     lines = [
         "[bold]kommo-talks demo[/]: the SDK end to end, no account needed",
-        f"  FakeKommo on {fake.url} with {talks} open talks",
+        f"  FakeKommo on {fake.url} with {talks} talks ({talks - closed} open, "
+        f"{closed} closed already), of many origins, leads and customers",
         f"  rate limit enforced by the fake: {rate:g} requests per rolling second "
         f"(real Kommo: {KOMMO_RATE}/s; the demo runs faster to stay short)",
-        f"  injected faults on {fault_rate:.0%} of closes: 503, dropped connection, "
-        "HTML 502 page, 503 after closing",
+        f"  injected faults: {settings.fault_rate:.0%} of close requests at random "
+        "(503, dropped connection, HTML 502 page, 503 after the close went through), "
+        "and the sample's first two GETs (503, HTML 502 page)",
         f"  client: KommoClient(rate_limit={rate:g}, retry=RetryPolicy(max_attempts=8)), "
-        f"concurrency {concurrency}",
+        f"concurrency {settings.concurrency}",
         "",
     ]
     for line in lines:
@@ -227,49 +204,60 @@ def _sample_table(sample: list[Talk | KommoError]) -> Table:
     return table
 
 
-def _summary(
-    out: Console,
-    *,
-    talks: int,
-    counts: collections.Counter[CloseStatus],
-    failed: list[CloseOutcome],
-    requests: dict[str, int],
-    attempts: _AttemptLog,
-    throttled: int,
-    elapsed: float,
-    close_requests: int,
-) -> None:
+def summary_table(result: _Result) -> Table:
+    """The summary: every number is a sum of the rows indented under it, or says what it counts."""
+    counts = collections.Counter(o.status for o in result.outcomes)
+    failed = [o for o in result.outcomes if o.status is CloseStatus.FAILED]
+    get, close = result.requests.get("get", 0), result.requests.get("close", 0)
+    talks = len(result.outcomes)
+    first = result.sample + talks
+    faults = result.faults["get"] + result.faults["close"]
     table = Table(title="Summary", box=box.SIMPLE_HEAD, show_header=False, title_justify="left")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    table.add_column("note")
-    table.add_row("[green]closed[/]", str(counts[CloseStatus.CLOSED]), f"of {talks}")
-    table.add_row("already closed", str(counts[CloseStatus.ALREADY_CLOSED]), "")
-    table.add_row(
-        "[red]failed[/]" if failed else "failed",
-        str(len(failed)),
-        plain("; ".join(sorted({reason(o.error) for o in failed if o.error is not None}))[:80]),
-    )
-    table.add_row(
-        "requests sent",
-        str(sum(requests.get(r, 0) for r in ("get", "close"))),
-        f"get {requests.get('get', 0)}, close {requests.get('close', 0)}",
-    )
-    table.add_row("retries ridden out", str(attempts.retries), "")
-    for what, number in attempts.faults.most_common():
-        table.add_row(f"  {what}", str(number), "")
-    if attempts.ambiguous_closes:
-        table.add_row(
-            "  422 after an ambiguous attempt",
-            str(attempts.ambiguous_closes),
-            "the failed attempt had closed it: counted closed",
+    for column in ("what", "value", "note"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    closed = {o.talk_id for o in result.outcomes if o.status is CloseStatus.CLOSED}
+    before = len(closed & result.closed_at_start)
+    rows = [
+        ("[green]closed[/]", len(closed), f"of {talks} talks"),
+        ("  open at the start", len(closed) - before, "closed by the demo"),
+        ("  closed at the start", before, _CLOSED_BEFORE),
+        ("already closed", counts[CloseStatus.ALREADY_CLOSED], "422 on the first attempt"),
+        ("[red]failed[/]" if failed else "failed", len(failed), _reasons(failed)),
+        ("requests sent", get + close, f"get {get} + close {close}"),
+        ("  first attempts", first, f"get {result.sample} (the sample) + close {talks}"),
+        ("  retries", get + close - first, _RETRIES),
+        ("injected faults", faults.total(), _by_route(result.faults, None)),
+    ]
+    rows += [(f"  {label}", n, _by_route(result.faults, label)) for label, n in faults.items()]
+    rows.append(
+        (
+            "[green]429 answers[/]" if result.throttled == 0 else "[red]429 answers[/]",
+            result.throttled,
+            "the client keeps the rate limit",
         )
-    table.add_row(
-        "[green]429 answers[/]" if throttled == 0 else "[red]429 answers[/]",
-        str(throttled),
-        "the client keeps the rate limit",
     )
-    rate = close_requests / elapsed if elapsed > 0 else 0.0
-    table.add_row("close phase", f"{elapsed:.1f} s", f"{rate:.1f} close requests/s")
-    out.print()
-    out.print(table)
+    for what, number, note in rows:
+        table.add_row(what, str(number), plain(note))
+    rate = close / result.elapsed if result.elapsed > 0 else 0.0
+    table.add_row("close phase", f"{result.elapsed:.1f} s", f"{rate:.1f} close requests/s")
+    return table
+
+
+_RETRIES = "one per injected fault and per 429 answer (a failed talk's last one is not retried)"
+_CLOSED_BEFORE = (
+    "a failed first attempt, then 422: the SDK takes it as that attempt's close (it may be)"
+)
+
+
+def _reasons(failed: list[CloseOutcome]) -> str:
+    return "; ".join(sorted({reason(o.error) for o in failed if o.error is not None}))[:80]
+
+
+def _by_route(faults: dict[str, collections.Counter[str]], label: str | None) -> str:
+    """``"get 1 + close 7"``: the faults of ``label`` (or all) per route that met any."""
+    parts = []
+    for route in ("get", "close"):
+        number = faults[route].total() if label is None else faults[route][label]
+        if number:
+            parts.append(f"{route} {number}")
+    return " + ".join(parts)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol
 
@@ -11,7 +13,7 @@ from aiohttp import web
 
 from ._wire import Route, denied_response, hal_response, problem_response
 
-__all__ = ["Talks", "example_talk", "list_item", "talk_payload"]
+__all__ = ["Talks", "example_talk", "list_item", "talk_payload", "varied_talk"]
 
 # The documented example of GET /api/v4/talks/{id}; every default talk is a copy
 # with its own talk_id (and links on the fake's host).
@@ -44,6 +46,48 @@ def example_talk(talk_id: int) -> dict[str, Any]:
     talk = dict(_EXAMPLE)
     talk["talk_id"] = talk_id
     return talk
+
+
+# What varied_talk draws from: channels Kommo names as origins, and lead/customer/none.
+_ORIGINS: Final = ("telegram", "whatsapp", "instagram_business", "onlinechat", "viber")
+_ENTITIES: Final = (("lead", 6), ("customer", 2), (None, 2))
+_NEWEST: Final = 1_764_547_200  # 2025-12-01 00:00 UTC: varied talks were created before it
+_DAY: Final = 86_400
+
+
+def varied_talk(talk_id: int, *, seed: int = 0, closed_share: float = 0.1) -> dict[str, Any]:
+    """A plausible talk with ``talk_id``, as the fake stores it: one of many kinds, not the example.
+
+    Each talk is drawn from its own generator, seeded by ``seed`` and
+    ``talk_id``, so a talk is the same however many are made: its origin
+    (telegram, whatsapp, instagram_business, onlinechat, viber), a lead, a
+    customer or no entity, its own contact and chat, a creation time in the
+    90 days before December 2025, read or not (an unread one may have
+    ``missed_at``), and closed with ``closed_share`` odds (then with a
+    rating). Store it as ``fake.talks[talk_id] = varied_talk(talk_id)``;
+    ``FakeKommo``'s default talks stay the documented example.
+    """
+    rng = random.Random(f"kommo-talks:{seed}:{talk_id}")
+    entity_type = rng.choices([e for e, _ in _ENTITIES], [w for _, w in _ENTITIES])[0]
+    created = _NEWEST - rng.randrange(90 * _DAY)
+    updated = created + rng.randrange(2 * _DAY)
+    is_read = rng.random() < 0.6
+    is_in_work = rng.random() >= closed_share
+    return {
+        "talk_id": talk_id,
+        "created_at": created,
+        "updated_at": updated,
+        "rate": 0 if is_in_work else rng.choice((0, 3, 4, 5)),
+        "contact_id": rng.randrange(1_000_000, 9_999_999),
+        "chat_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "entity_id": None if entity_type is None else rng.randrange(100_000_000, 999_999_999),
+        "entity_type": entity_type,
+        "is_in_work": is_in_work,
+        "is_read": is_read,
+        "origin": rng.choice(_ORIGINS),
+        "missed_at": None if is_read or rng.random() < 0.5 else updated + rng.randrange(3600),
+        "account_id": _EXAMPLE["account_id"],
+    }
 
 
 def talk_payload(base: str, talk_id: int, talk: dict[str, Any]) -> dict[str, Any]:
