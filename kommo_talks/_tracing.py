@@ -1,0 +1,168 @@
+"""Optional OpenTelemetry tracing of the client's calls (extra ``kommo-talks[otel]``).
+
+Off by default, and then free: :func:`make_tracer` returns ``None``, the
+pipeline checks for ``None`` and ``opentelemetry`` is never imported. On
+(``KommoClient(..., tracing=True)`` or ``KOMMO_TALKS_TRACING=1``), each call
+is one client span named ``"{method} {path template}"`` with one event per
+attempt. Spans carry the method, the host, the path with IDs replaced by
+``{id}``, statuses, attempt numbers and retry causes; never a header, a
+token, a body or a query value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from contextvars import Token
+
+    from opentelemetry.context.context import Context
+    from opentelemetry.trace import Span, Tracer
+
+__all__ = ["ENV_VAR", "CallSpan", "OtelTracer", "make_tracer", "path_template", "tracing_wanted"]
+
+ENV_VAR: Final = "KOMMO_TALKS_TRACING"
+"""The environment variable that turns tracing on (``1``, ``true``, ``yes`` or ``on``)."""
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+# A path segment that names one record: digits, or a UUID (chat IDs in Kommo's chats API).
+_ID_SEGMENT: Final = re.compile(r"\d+|[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+# OpenTelemetry's semantic conventions for HTTP clients, and the SDK's own keys.
+METHOD: Final = "http.request.method"
+TEMPLATE: Final = "url.template"
+STATUS: Final = "http.response.status_code"
+ERROR_TYPE: Final = "error.type"
+ATTEMPT: Final = "kommo_talks.attempt"
+RETRY_CAUSE: Final = "kommo_talks.retry_cause"
+RESEND_COUNT: Final = "http.request.resend_count"
+
+logger = logging.getLogger("kommo_talks")
+
+
+def path_template(url: str) -> str:
+    """The path of ``url`` with every ID segment replaced by ``{id}``; no host, no query.
+
+    ``https://x.kommo.com/api/v4/talks/117/close?a=1`` gives
+    ``/api/v4/talks/{id}/close``; a relative path stays relative (``leads/123``
+    gives ``leads/{id}``). An ID segment is all digits, or a UUID.
+    """
+    path = urlsplit(url).path if "://" in url else url.split("?", 1)[0].split("#", 1)[0]
+    return "/".join("{id}" if _ID_SEGMENT.fullmatch(part) else part for part in path.split("/"))
+
+
+def tracing_wanted(tracing: bool | None, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether to trace: ``tracing`` if given, else the :data:`ENV_VAR` environment variable.
+
+    Raises:
+        ValueError: ``tracing`` is neither a bool nor ``None``.
+    """
+    if tracing is None:
+        return environ.get(ENV_VAR, "").strip().lower() in _TRUE
+    if not isinstance(tracing, bool):
+        raise ValueError(f"tracing must be a bool or None, got {tracing!r}")
+    return tracing
+
+
+def make_tracer(tracing: bool | None, host: str) -> OtelTracer | None:
+    """The tracer of a client to ``host``, or ``None`` when tracing is off.
+
+    Raises:
+        ImportError: ``tracing=True`` but ``opentelemetry-api`` is not
+            installed. Turned on by the environment variable only, tracing
+            stays off then, with a warning on the ``kommo_talks`` logger.
+    """
+    if not tracing_wanted(tracing):
+        return None
+    try:
+        return OtelTracer(host)
+    except ImportError as exc:
+        message = "tracing needs opentelemetry-api: pip install 'kommo-talks[otel]'"
+        if tracing:
+            raise ImportError(message) from exc
+        logger.warning("%s is set but %s; tracing is off", ENV_VAR, message)
+        return None
+
+
+class OtelTracer:
+    """Starts one OpenTelemetry span per call, from the global tracer provider."""
+
+    __slots__ = ("_host", "_tracer")
+
+    def __init__(self, host: str) -> None:
+        from opentelemetry import trace  # imported only when tracing is on
+
+        self._tracer: Tracer = trace.get_tracer("kommo_talks", __version__)
+        self._host = host
+
+    def start(self, method: str, url: str) -> CallSpan:
+        """Open the span of one call (current until :meth:`CallSpan.finish`)."""
+        from opentelemetry import context, trace
+
+        template = path_template(url)
+        span = self._tracer.start_span(
+            f"{method} {template}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={METHOD: method, TEMPLATE: template, "server.address": self._host},
+        )
+        # Current while the call runs: spans of the requests (aiohttp's own
+        # instrumentation, if installed) become its children.
+        token = context.attach(trace.set_span_in_context(span))
+        return CallSpan(span, token, method, template)
+
+
+class CallSpan:
+    """The span of one call: :meth:`attempt` after each attempt, :meth:`finish` once."""
+
+    __slots__ = ("_attempts", "_method", "_span", "_template", "_token")
+
+    def __init__(self, span: Span, token: Token[Context], method: str, template: str) -> None:
+        self._span = span
+        self._token = token
+        self._method = method
+        self._template = template
+        self._attempts = 0
+
+    def attempt(
+        self, number: int, status: int | None, error_type: str | None, cause: str | None
+    ) -> None:
+        """Record an attempt: its answer's ``status`` or ``error_type``, and the retry ``cause``.
+
+        ``cause`` is ``"status"``, ``"connection"`` or ``"timeout"`` when the
+        attempt is retried, else ``None``.
+        """
+        self._attempts = number
+        attributes: dict[str, Any] = {
+            METHOD: self._method,
+            TEMPLATE: self._template,
+            ATTEMPT: number,
+        }
+        if status is not None:
+            attributes[STATUS] = status
+        if error_type is not None:
+            attributes[ERROR_TYPE] = error_type
+        if cause is not None:
+            attributes[RETRY_CAUSE] = cause
+        self._span.add_event("attempt", attributes)
+
+    def finish(self, status: int | None, error: BaseException | None) -> None:
+        """End the span: the final answer's ``status``, or the ``error`` the call raised."""
+        from opentelemetry import context, trace
+
+        span = self._span
+        if self._attempts > 1:
+            span.set_attribute(RESEND_COUNT, self._attempts - 1)
+        if status is not None:
+            span.set_attribute(STATUS, status)
+        if error is not None:
+            # The class name only: a message may quote an answer's body.
+            name = type(error).__name__
+            span.set_attribute(ERROR_TYPE, name)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, name))
+        span.end()
+        context.detach(self._token)
