@@ -7,7 +7,7 @@ is mounted as a plain ASGI app, and FastAPI's lifespan opens the one
 
 Run it (``pip install fastapi uvicorn``)::
 
-    KOMMO_BASE_URL=https://example.kommo.com KOMMO_TOKEN=<long-lived token> \\
+    KOMMO_BASE_URL=https://<subdomain>.kommo.com KOMMO_TOKEN=<long-lived token> \\
     BOT_SECRET=<a long random string> uvicorn fastapi_bot:app --no-access-log
 
 and add a webhook in Kommo pointing at
