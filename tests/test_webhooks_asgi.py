@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -185,6 +186,29 @@ async def test_asgi_partly_invalid_delivery_is_200_and_the_bad_event_reported(
 
     assert talk_ids(recorder.finished) == [1, 3]
     assert [invalid.error.path for invalid in reported] == ["talk[update][1][talk_id]"]
+
+
+async def test_asgi_client_leaving_mid_body_gets_nothing_called_and_no_error_logged(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    receiver = WebhookReceiver(recorder)
+    body = delivery(1, 2)
+    async with serve_asgi(receiver) as url:
+        parts = urlsplit(url)
+        _, writer = await asyncio.open_connection("127.0.0.1", parts.port)
+        head = (
+            f"POST {parts.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body[: body.index(b"talk%5Bupdate%5D%5B1%5D")])
+        await writer.drain()
+        writer.close()  # gone with the first event sent whole, the second not
+        await writer.wait_closed()
+        assert await post(http, url, delivery(3)) == 200
+    await receiver.close()  # uvicorn has finished every request: drain what they queued
+
+    assert talk_ids(recorder.finished) == [3]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # --------------------------------------------------------- bound, draining
