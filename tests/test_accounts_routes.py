@@ -150,6 +150,15 @@ async def test_a_referer_that_is_not_kommo_is_a_400_and_nothing_is_sent(
     assert await accounts.installed() == []
 
 
+async def test_a_declined_install_is_a_400_that_says_so(
+    accounts: KommoAccounts, site: str, http: aiohttp.ClientSession
+) -> None:
+    status, text = await get(http, f"{site}/installed", {"state": STATE, "error": "access_denied"})
+    assert status == 400
+    assert "declined" in text
+    assert await accounts.installed() == []
+
+
 async def test_a_redirect_without_a_code_is_a_400(site: str, http: aiohttp.ClientSession) -> None:
     status, text = await get(http, f"{site}/installed", {"state": STATE, "referer": "a.kommo.com"})
     assert status == 400

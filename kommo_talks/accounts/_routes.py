@@ -67,13 +67,16 @@ async def handle_redirect(
     """Kommo's OAuth redirect (``code``, ``referer``, ``state``): install the account.
 
     Answers 403 for a wrong or missing ``state`` (unless the install carries
-    ``from_widget``), 400 for a missing code, a referer that is not a Kommo
-    account domain or a code Kommo refused, 502 when the account could not
+    ``from_widget``), 400 for a declined install (``error``), a missing
+    code, a referer that is not a Kommo account domain or a code Kommo
+    refused, 502 when the account could not
     be reached or saved; else a small HTML page, or a 303 to ``success_url``.
     Nothing is installed unless every check passes.
     """
     if not await _state_ok(state, query):
         return Reply(403, "state does not match: this install was not started here\n")
+    if "error" in query:  # Kommo: error=access_denied when the user declines
+        return Reply(400, "the installation was declined in Kommo; nothing was installed\n")
     code, referer = query.get("code"), query.get("referer")
     if not code or not referer:
         return Reply(400, "the redirect must carry 'code' and 'referer'\n")
