@@ -41,8 +41,14 @@ class FakeKommoAccount(FakeKommo):
         super().__init__(**options)
         self.account_id = account_id
         self.subdomain = subdomain
+        for talk in self.talks.values():
+            talk["account_id"] = account_id  # its webhooks name this account
         self._endpoints = (*self._endpoints, _AccountEndpoint(self))
         self.faults = FaultPlan(r.name for part in self._endpoints for r in part.routes())
+
+    def add_talk(self, talk_id: int, **fields: Any) -> dict[str, Any]:
+        """As :meth:`FakeKommo.add_talk`; the talk is in this account unless ``fields`` say not."""
+        return super().add_talk(talk_id, **{"account_id": self.account_id, **fields})
 
     @property
     def referer(self) -> str:
