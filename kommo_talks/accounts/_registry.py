@@ -38,7 +38,9 @@ class KommoAccounts:
     """The clients of every Kommo account that installed the integration.
 
     Args:
-        client_id, client_secret, redirect_uri: the integration's registration.
+        client_id: the integration's ID.
+        client_secret: the integration's secret key.
+        redirect_uri: the integration's redirect URI.
         store: an account store (``MemoryAccountStore``, ``FileAccountStore``,
             ``RedisAccountStore``).
         rate_limit: requests per second per account (a limiter each); a
@@ -48,7 +50,8 @@ class KommoAccounts:
             ones are dropped first).
         session: an ``aiohttp.ClientSession`` for every client to borrow
             (never closed here); by default one is created on first use.
-        retry, timeout: as for ``KommoClient``.
+        retry: as for ``KommoClient``.
+        timeout: as for ``KommoClient`` (also bounds reading the account at install).
         global_rate_limit: a limit over all accounts together (requests per
             second, or a ``RateLimiter``), waited for before the account's.
         allow_loopback: accept ``http://`` loopback account addresses (tests).
