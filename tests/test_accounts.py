@@ -17,6 +17,7 @@ from kommo_talks.accounts import (
     KommoAccounts,
     MemoryAccountStore,
 )
+from kommo_talks.accounts._model import account_base_url
 from kommo_talks.errors import ClientClosedError, KommoError, TokenRefreshError
 from kommo_talks.testing import FakeKommoAccount
 from kommo_talks.webhooks import TalkEvent
@@ -124,6 +125,33 @@ async def test_a_referer_outside_kommo_sends_nothing(one: FakeKommoAccount, refe
             await accounts.install(one.install_code(CLIENT_ID, SECRET, REDIRECT), referer)
         assert await accounts.installed() == []
     assert one.stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("referer", "base_url"),
+    [
+        ("example.kommo.com", "https://example.kommo.com"),
+        ("Example.Kommo.com", "https://example.kommo.com"),
+        ("https://shop-1.amocrm.ru/", "https://shop-1.amocrm.ru"),
+        ("shop.amocrm.com", "https://shop.amocrm.com"),
+    ],
+)
+def test_kommo_referers_give_the_accounts_https_address(referer: str, base_url: str) -> None:
+    assert account_base_url(referer) == base_url
+
+
+@pytest.mark.parametrize(
+    "referer", ["http://example.kommo.com", "example.kommo.com:8443", "example.kommo.com/x", ""]
+)
+def test_other_forms_of_kommo_referers_are_refused(referer: str) -> None:
+    with pytest.raises(ValueError, match="referer"):
+        account_base_url(referer)
+
+
+def test_loopback_referers_need_allow_loopback() -> None:
+    assert account_base_url("127.0.0.1:8080", allow_loopback=True) == "http://127.0.0.1:8080"
+    with pytest.raises(ValueError, match="referer"):
+        account_base_url("127.0.0.1:8080")
 
 
 async def test_a_replayed_code_is_refused_and_changes_nothing(

@@ -145,6 +145,8 @@ class KommoAccounts:
             ClientClosedError: this object is closed.
         """
         check_account_id(account_id)
+        if self._closed:
+            raise ClientClosedError("this KommoAccounts is closed")
         cached = self._cached(account_id)
         if cached is not None:
             return cached
