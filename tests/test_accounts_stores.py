@@ -149,8 +149,11 @@ async def test_a_refresh_after_an_uninstall_does_not_bring_the_file_back(
     assert not (tmp_path / "account-1.json").exists()
 
 
-async def test_a_memory_store_refuses_a_save_after_an_uninstall() -> None:
-    store = MemoryAccountStore()
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_refresh_after_an_uninstall_stores_nothing(
+    kind: str, r: redis.asyncio.Redis
+) -> None:
+    store: AccountStore = MemoryAccountStore() if kind == "memory" else RedisAccountStore(r)
     await store.install(ONE, PAIR_1)
     tokens = store.tokens(1)
     await store.remove(1)
@@ -158,6 +161,7 @@ async def test_a_memory_store_refuses_a_save_after_an_uninstall() -> None:
     with pytest.raises(TokenStoreError, match="uninstalled"):
         await tokens.save(NEWER)
     assert await store.tokens(1).load() is None
+    assert await store.installed() == []
 
 
 async def test_a_corrupt_account_file_is_reported_without_its_content(tmp_path: Path) -> None:

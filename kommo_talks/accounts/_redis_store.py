@@ -68,8 +68,10 @@ class RedisAccountStore:
 
     def tokens(self, account_id: int) -> RedisTokenStore:
         """The account's ``RedisTokenStore`` (a new object per call)."""
-        key = f"{self.record_key(account_id)}:tokens"
-        return RedisTokenStore(self._redis, key, lock_timeout=self._lock_timeout)
+        record_key = self.record_key(account_id)
+        return _AccountTokens(
+            self._redis, f"{record_key}:tokens", record_key, lock_timeout=self._lock_timeout
+        )
 
     async def get(self, account_id: int) -> Account | None:
         """The account's record, or ``None``.
@@ -124,3 +126,26 @@ class RedisAccountStore:
             if text.isdigit() and int(text) > 0:
                 ids.append(int(text))
         return sorted(ids)
+
+
+class _AccountTokens(RedisTokenStore):
+    """An account's pair: saved only while the account's record exists.
+
+    ``OAuth2`` saves under the refresh lock, which uninstalls take too, so a
+    refresh that ends after an uninstall never writes the pair back.
+    """
+
+    def __init__(self, redis: Redis, key: str, record_key: str, *, lock_timeout: float) -> None:
+        super().__init__(redis, key, lock_timeout=lock_timeout)
+        self._record_key = record_key
+
+    async def save(self, tokens: TokenSet) -> None:
+        """As ``RedisTokenStore.save``; ``TokenStoreError`` once the account is uninstalled."""
+        with _redis_errors("check the account record", self._record_key):
+            installed = await self._redis.exists(self._record_key)
+        if not installed:
+            raise TokenStoreError(
+                f"account record {self._record_key!r} is gone: the account was uninstalled, "
+                "its new token pair is not stored"
+            )
+        await super().save(tokens)
