@@ -16,6 +16,9 @@ Run ``python benchmarks/bench_webhooks.py`` from the repository root. It prints:
    ``MultiDict`` of strings: no validation, no types, no events). Server CPU
    per delivery is printed too: on a shared machine it varies less than the
    rate does.
+3. The same through ``receiver.asgi_app()`` under uvicorn (h11) against a
+   bare ASGI app that answers 200 (no target: it shows what the ASGI
+   adapter costs on top of the server).
 
 Numbers depend on the machine; compare the ratios, not the absolute figures.
 """
@@ -26,17 +29,20 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 import timeit
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, quote_plus
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import uvicorn
 from aiohttp import web
 
 from kommo_talks.testing._fake import example_talk
@@ -186,6 +192,54 @@ async def bench_receiver() -> None:
     )
 
 
+async def bare_asgi(scope: dict[str, object], receive: object, send: Any) -> None:
+    """The ASGI baseline: answers 200 without reading the body."""
+    headers = [(b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def start_asgi(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning", http="h11")
+    server = uvicorn.Server(config)
+    return server, asyncio.create_task(server.serve(sockets=[sock])), sock.getsockname()[1]
+
+
+async def bench_asgi() -> None:
+    print(f"3. under uvicorn (h11): a bare ASGI app vs receiver.asgi_app(), best of {ROUNDS}")
+    handled = 0
+
+    async def noop(event: WebhookEvent) -> None:
+        nonlocal handled
+        handled += 1
+
+    receiver = WebhookReceiver(noop)
+    apps = {"bare ASGI app": bare_asgi, "WebhookReceiver ASGI (no-op)": receiver.asgi_app()}
+    servers = {label: await start_asgi(app) for label, app in apps.items()}
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in apps}
+    try:
+        for _, _, port in servers.values():
+            await run_load(port, WARMUP)
+        for _ in range(ROUNDS):
+            for label, (_, _, port) in servers.items():
+                runs[label].append(await run_load(port, REQUESTS))
+    finally:
+        for server, task, _ in servers.values():
+            server.should_exit = True
+            await task
+        await receiver.close()
+    if handled != WARMUP + ROUNDS * REQUESTS:
+        raise RuntimeError(f"the callback ran {handled} times")
+    best = {label: (max(r for r, _ in res), min(c for _, c in res)) for label, res in runs.items()}
+    for label, (rate, cpu) in best.items():
+        print(f"   {label:<28} {rate:8.0f} /s, server CPU {cpu:6.1f} us/delivery")
+    (bare_rate, bare_cpu), (ours_rate, ours_cpu) = best.values()
+    print(f"   ratio {ours_rate / bare_rate:.2f}x; by server CPU {bare_cpu / ours_cpu:.2f}x")
+
+
 # ---------------------------------------------------------- the load process
 
 
@@ -241,6 +295,7 @@ def main() -> None:
     )
     bench_parse()
     asyncio.run(bench_receiver())
+    asyncio.run(bench_asgi())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,14 @@ Everything public is importable from here, except the Redis pieces
 """
 
 from ._version import __version__
+from .accounts import (
+    Account,
+    AccountNotInstalledError,
+    AccountStore,
+    FileAccountStore,
+    KommoAccounts,
+    MemoryAccountStore,
+)
 from .auth import LongLivedToken
 from .client import KommoClient
 from .converter import converter
@@ -35,17 +43,23 @@ from .tokens import TokenSet
 
 __all__ = [
     "APIError",
+    "Account",
+    "AccountNotInstalledError",
+    "AccountStore",
     "ClientClosedError",
     "CloseOutcome",
     "CloseStatus",
     "CoordinationError",
     "DecodeError",
     "EntityRef",
+    "FileAccountStore",
     "FileTokenStore",
     "ForbiddenError",
+    "KommoAccounts",
     "KommoClient",
     "KommoError",
     "LongLivedToken",
+    "MemoryAccountStore",
     "MemoryTokenStore",
     "NotFoundError",
     "OAuth2",

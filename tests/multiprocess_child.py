@@ -76,9 +76,32 @@ async def oauth(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def accounts(job: dict[str, Any]) -> dict[str, Any]:
+    """Fetch a talk of every account through KommoAccounts over a shared RedisAccountStore."""
+    from kommo_talks.accounts import KommoAccounts, RedisAccountStore
+
+    connection = redis.asyncio.Redis.from_url(job["redis_url"])
+    store = RedisAccountStore(connection, lock_timeout=job["lock_timeout"])
+    try:
+        async with KommoAccounts(
+            job["client_id"],
+            job["client_secret"],
+            job["redirect_uri"],
+            store=store,
+            rate_limit=None,
+            allow_loopback=True,
+        ) as kept:
+            await wait_for_go()
+            clients = [await kept.client(account) for account in job["accounts"]]
+            talks = await asyncio.gather(*(client.get_talk(1) for client in clients))
+    finally:
+        await connection.aclose()
+    return {"fetched": [talk.talk_id for talk in talks]}
+
+
 def main() -> None:
     job = json.loads(sys.argv[1])
-    work = {"close": close, "oauth": oauth}[job["role"]]
+    work = {"close": close, "oauth": oauth, "accounts": accounts}[job["role"]]
     result = asyncio.run(work(job))
     print(json.dumps(result), flush=True)
 

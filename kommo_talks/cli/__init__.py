@@ -19,7 +19,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     Exit status: 0 success, 1 a talk failed or Kommo answered an error, 2 a
     usage error (bad arguments or input, missing credentials), 130 interrupted.
     """
+    from ._accounts import accounts
     from ._app import cli
+
+    cli.add_command(accounts)
 
     cli.main(args=list(argv) if argv is not None else None, prog_name="kommo-talks")
     raise SystemExit(0)  # not reached: click exits (standalone mode)

@@ -12,6 +12,7 @@ Import it only in tests and demos (``import kommo_talks`` does not load it)::
 
 from ._fake import FakeKommo
 from ._faults import Fault
+from ._install import FakeKommoAccount, disconnect_query, signed_disconnect_url
 from ._oauth import FakeOAuth
 from ._stats import FakeStats, RecordedRequest, busiest_window
 from ._webhooks import WebhookDelivery
@@ -19,11 +20,14 @@ from ._wire import problem_response
 
 __all__ = [
     "FakeKommo",
+    "FakeKommoAccount",
     "FakeOAuth",
     "FakeStats",
     "Fault",
     "RecordedRequest",
     "WebhookDelivery",
     "busiest_window",
+    "disconnect_query",
     "problem_response",
+    "signed_disconnect_url",
 ]

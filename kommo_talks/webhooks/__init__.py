@@ -6,8 +6,9 @@ with bracketed keys and string values (``talk[update][0][is_in_work]=0``).
 :class:`TalkEvent` and :class:`MessageEvent` values (and, with
 ``strict=False``, the :class:`InvalidEvent` values that failed a check);
 :class:`WebhookReceiver` serves such deliveries inside an ``aiohttp.web``
-application, answers Kommo at once and runs ``await callback(event)`` in the
-background; :func:`verify_disconnect_signature` checks Kommo's "integration
+application or, through ``receiver.asgi_app()``, in FastAPI, Starlette or any
+ASGI server; it answers Kommo at once and runs ``await callback(event)`` in
+the background; :func:`verify_disconnect_signature` checks Kommo's "integration
 disconnected" hook.
 
 Closing a talk shows up as a ``talk[update]`` whose ``is_in_work`` is ``"0"``:

@@ -1,30 +1,30 @@
-"""``WebhookReceiver``: serve Kommo's deliveries in ``aiohttp.web``, answer first, act after."""
+"""``WebhookReceiver``: serve Kommo's deliveries, answer first, act after.
+
+The rules live in ``_intake`` (no web framework); ``_aiohttp`` and ``_asgi``
+adapt them to ``aiohttp.web`` and to any ASGI server or framework.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import logging
-import math
-from collections.abc import Awaitable, Callable
-from typing import TypeAlias
+from collections.abc import Callable
 
 from aiohttp import web
 
-from ..errors import DecodeError
-from ._models import InvalidEvent, TalkEvent, WebhookEvent
-from ._parse import parse_webhook
+from . import _aiohttp
+from ._asgi import ASGIApp, AsgiWebhookApp
+from ._intake import WebhookIntake
+from ._models import InvalidEvent
+from ._pool import CallbackPool, WebhookCallback
 
 __all__ = ["WebhookCallback", "WebhookReceiver"]
 
-logger = logging.getLogger("kommo_talks.webhooks")
-
-WebhookCallback: TypeAlias = Callable[[WebhookEvent], Awaitable[object]]
-"""``await callback(event)``: what a :class:`WebhookReceiver` runs for each event."""
-
 
 class WebhookReceiver:
-    """Receives Kommo webhooks in an ``aiohttp.web`` app; ``await callback(event)`` each.
+    """Receives Kommo webhooks in ``aiohttp.web`` or ASGI; ``await callback(event)`` each.
+
+    Serve it with :meth:`setup` (or :meth:`handle`) in an ``aiohttp.web``
+    application, or mount :meth:`asgi_app` in FastAPI, Starlette or any
+    ASGI server: the rules below are the same for both.
 
     Kommo waits at most 2 s for an answer and disables a hook after 100
     failed ones in 2 hours, so a delivery is answered ``200`` as soon as it
@@ -44,11 +44,12 @@ class WebhookReceiver:
     ``read_timeout`` seconds (nothing is parsed); ``400`` for a body that is
     not a form at all (not UTF-8, more fields than ``parse_webhook``'s
     limit; nothing is called); ``413`` for a body larger than the
-    application's ``client_max_size`` (aiohttp's limit; nothing is called);
-    ``503`` when accepting the delivery would leave more than
-    ``max_pending`` events waiting or running (a delivery is always accepted
-    when nothing is pending) or once draining has started. Kommo retries a
-    delivery answered ``503``, and none of its events was queued.
+    application's ``client_max_size`` (aiohttp's limit) or the ASGI app's
+    ``max_body_size`` (nothing is called); ``503`` when accepting the
+    delivery would leave more than ``max_pending`` events waiting or running
+    (a delivery is always accepted when nothing is pending) or once draining
+    has started. Kommo retries a delivery answered ``503``, and none of its
+    events was queued.
 
     The events of one delivery are handed to ``callback`` one after another,
     in the delivery's order; different deliveries run concurrently, each in
@@ -61,8 +62,9 @@ class WebhookReceiver:
     An exception raised by ``callback`` is logged with its traceback on the
     ``kommo_talks.webhooks`` logger, and the next event goes on. An accepted
     event lives in memory until its callback ends: a crash loses it, a
-    graceful shutdown (:meth:`setup`'s hook, or :meth:`close`) does not.
-    Give callbacks their own timeouts: draining waits for every one of them.
+    graceful shutdown (:meth:`setup`'s hook, the ASGI lifespan, or
+    :meth:`close`) does not. Give callbacks their own timeouts: draining
+    waits for every one of them.
     """
 
     def __init__(
@@ -93,37 +95,20 @@ class WebhookReceiver:
         """
         if callback is None:
             raise TypeError("WebhookReceiver needs a callback: WebhookReceiver(callback, ...)")
-        if max_pending < 1:
-            raise ValueError("max_pending must be at least 1")
-        if secret is not None and not secret:
-            raise ValueError("secret must not be empty (use None for no secret)")
-        if not (
-            isinstance(read_timeout, int | float)
-            and math.isfinite(read_timeout)
-            and read_timeout > 0
-        ):
-            raise ValueError(
-                f"read_timeout must be a positive number of seconds, got {read_timeout!r}"
-            )
-        self._callback = callback
-        self._max_pending = max_pending
-        self._secret = None if secret is None else secret.encode("utf-8", "surrogatepass")
-        self._read_timeout = float(read_timeout)
-        self._on_invalid = on_invalid
-        self._pending = 0
-        self._invalid_events = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._draining = False
+        self._pool = CallbackPool(callback, max_pending)
+        self._intake = WebhookIntake(
+            self._pool, secret=secret, read_timeout=read_timeout, on_invalid=on_invalid
+        )
 
     @property
     def pending(self) -> int:
         """Accepted events whose callback has not finished yet."""
-        return self._pending
+        return self._pool.pending
 
     @property
     def invalid_events(self) -> int:
         """Invalid events of accepted deliveries so far (see :class:`InvalidEvent`)."""
-        return self._invalid_events
+        return self._intake.invalid_events
 
     def setup(self, app: web.Application, path: str) -> None:
         """Add ``POST`` routes at ``path`` and ``path + "/"``, and an ``on_shutdown`` hook.
@@ -133,111 +118,36 @@ class WebhookReceiver:
         before the application's cleanup, so callbacks may still use
         resources (a ``KommoClient``) that cleanup closes.
         """
-        app.router.add_post(path, self.handle)
-        other = path[:-1] if path.endswith("/") else path + "/"
-        if other:
-            app.router.add_post(other, self.handle)
-        app.on_shutdown.append(self._on_shutdown)
+        _aiohttp.add_routes(app, path, self.handle, self.close)
 
     async def handle(self, request: web.Request) -> web.Response:
-        """The request handler, for users who add the route themselves."""
-        if self._secret is not None and not self._secret_matches(request):
-            return web.Response(status=403, text="forbidden")
-        if self._draining:
-            return _shutting_down()
-        body = await self._read(request)
-        if body is None:
-            return web.Response(status=408, text="request body not received in time")
-        try:
-            webhook = parse_webhook(body, strict=False)
-        except DecodeError as exc:
-            return web.Response(status=400, text=str(exc))
-        if self._draining:
-            return _shutting_down()
-        events = webhook.events
-        if events and self._pending and self._pending + len(events) > self._max_pending:
-            return web.Response(status=503, text="too many pending events")
-        for invalid in webhook.invalid:
-            self._report(invalid)
-        if events:
-            self._pending += len(events)
-            # The loop first runs this task once the request's task yields:
-            # after aiohttp has written this answer (unless the socket's
-            # buffer is full, when the two interleave).
-            task = asyncio.create_task(self._run(events))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return web.Response(status=200)
+        """The ``aiohttp.web`` request handler, for users who add the route themselves."""
+        return await _aiohttp.handle(self._intake, request)
 
-    async def _read(self, request: web.Request) -> bytes | None:
-        """The whole body, or ``None`` if it did not arrive within ``read_timeout``.
+    def asgi_app(self, *, max_body_size: int = 1024**2) -> ASGIApp:
+        """This receiver as a plain ASGI 3 application (no framework needed).
 
-        Over ``client_max_size``, aiohttp answers ``413``.
+        Mount it where the webhook is served, e.g.
+        ``app.mount("/kommo/hook", receiver.asgi_app())`` in FastAPI or
+        Starlette. It answers ``POST`` on any path that reaches it (routing
+        is the host's) and ``405`` to other methods; a body over
+        ``max_body_size`` bytes (default 1 MiB, as aiohttp's) is answered ``413``.
+
+        Draining: served directly by an ASGI server (``uvicorn module:app``),
+        the app answers the lifespan protocol and drains on shutdown. Starlette
+        and FastAPI do **not** run a mounted app's lifespan: their own lifespan
+        must ``await receiver.close()`` before it closes what callbacks use.
+
+        Raises:
+            ValueError: ``max_body_size`` is below 1.
         """
-        if request.content.is_eof():  # all there already (the common case): no timer
-            return await request.read()
-        try:
-            async with asyncio.timeout(self._read_timeout):
-                return await request.read()
-        except TimeoutError:
-            return None
-
-    def _secret_matches(self, request: web.Request) -> bool:
-        assert self._secret is not None
-        given = request.query.get("secret")
-        return given is not None and hmac.compare_digest(
-            given.encode("utf-8", "surrogatepass"), self._secret
-        )
-
-    def _report(self, invalid: InvalidEvent) -> None:
-        """Log, count and hand on one invalid event; ``on_invalid`` failing is only logged."""
-        self._invalid_events += 1
-        reason = str(invalid.error)  # a form key and a reason; a made-up key may be huge
-        logger.warning("webhook event skipped: %s", reason[:500])
-        if self._on_invalid is not None:
-            try:
-                self._on_invalid(invalid)
-            except Exception:
-                logger.exception("webhook on_invalid failed on %s", invalid.error.path)
-
-    async def _run(self, events: tuple[WebhookEvent, ...]) -> None:
-        left = len(events)
-        try:
-            for event in events:
-                try:
-                    await self._callback(event)
-                except (Exception, asyncio.CancelledError) as exc:
-                    # A CancelledError is this task's only when the task is being
-                    # cancelled (the loop is closing); else the callback met it.
-                    task = asyncio.current_task()
-                    if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
-                        raise
-                    logger.exception("webhook callback failed on %s", _describe(event))
-                self._pending -= 1
-                left -= 1
-        finally:
-            self._pending -= left
-
-    async def _on_shutdown(self, app: web.Application) -> None:
-        await self.close()
+        if max_body_size < 1:
+            raise ValueError("max_body_size must be at least 1")
+        return AsgiWebhookApp(self._intake, self.close, max_body_size=max_body_size)
 
     async def close(self) -> None:
         """Stop accepting deliveries (``503``) and wait for every accepted callback.
 
         Idempotent; the receiver cannot be reopened.
         """
-        self._draining = True
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
-
-
-def _shutting_down() -> web.Response:
-    return web.Response(status=503, text="shutting down")
-
-
-def _describe(event: WebhookEvent) -> str:
-    """A short label for logs: no message text, which may be personal data."""
-    where = f" of account {event.account_id}" if event.account_id is not None else ""
-    if isinstance(event, TalkEvent):
-        return f"talk[{event.action}] event for talk {event.talk_id}{where}"
-    return f"message event {event.message_id!r} ({event.direction}) for talk {event.talk_id}{where}"
+        await self._intake.close()
