@@ -38,6 +38,7 @@ from .models import CloseOutcome, CloseStatus, EntityRef, Talk, TalkEmbedded
 from .oauth import OAuth2
 from .ratelimit import RateLimiter, SlidingWindowRateLimiter
 from .retry import RetryPolicy
+from .stats import ClientStats
 from .stores import FileTokenStore, MemoryTokenStore, TokenStore
 from .tokens import TokenSet
 
@@ -47,6 +48,7 @@ __all__ = [
     "AccountNotInstalledError",
     "AccountStore",
     "ClientClosedError",
+    "ClientStats",
     "CloseOutcome",
     "CloseStatus",
     "CoordinationError",

@@ -117,9 +117,13 @@ class OtelTracer:
 
 
 class CallSpan:
-    """The span of one call: :meth:`attempt` after each attempt, :meth:`finish` once."""
+    """The span of one call: :meth:`attempt` after each attempt, :meth:`finish` once.
 
-    __slots__ = ("_attempts", "_method", "_span", "_template", "_token")
+    An attempt's event is written when what follows it is known: at
+    :meth:`retry` (with the cause) or at :meth:`finish` (the last attempt).
+    """
+
+    __slots__ = ("_attempts", "_method", "_pending", "_span", "_status", "_template", "_token")
 
     def __init__(self, span: Span, token: Token[Context], method: str, template: str) -> None:
         self._span = span
@@ -127,16 +131,14 @@ class CallSpan:
         self._method = method
         self._template = template
         self._attempts = 0
+        self._status: int | None = None
+        self._pending: dict[str, Any] | None = None
 
-    def attempt(
-        self, number: int, status: int | None, error_type: str | None, cause: str | None
-    ) -> None:
-        """Record an attempt: its answer's ``status`` or ``error_type``, and the retry ``cause``.
-
-        ``cause`` is ``"status"``, ``"connection"`` or ``"timeout"`` when the
-        attempt is retried, else ``None``.
-        """
+    def attempt(self, number: int, status: int | None, error_type: str | None) -> None:
+        """An attempt ended: answered with ``status``, or failed on the wire with ``error_type``."""
+        self._flush()
         self._attempts = number
+        self._status = status
         attributes: dict[str, Any] = {
             METHOD: self._method,
             TEMPLATE: self._template,
@@ -146,19 +148,25 @@ class CallSpan:
             attributes[STATUS] = status
         if error_type is not None:
             attributes[ERROR_TYPE] = error_type
-        if cause is not None:
-            attributes[RETRY_CAUSE] = cause
-        self._span.add_event("attempt", attributes)
+        self._pending = attributes
 
-    def finish(self, status: int | None, error: BaseException | None) -> None:
-        """End the span: the final answer's ``status``, or the ``error`` the call raised."""
+    def retry(self, cause: int | str) -> None:
+        """The last attempt is retried because of ``cause``: its status, or how it failed."""
+        pending = self._pending
+        if pending is not None:
+            pending[RETRY_CAUSE] = "status" if isinstance(cause, int) else cause
+            self._flush()
+
+    def finish(self, error: BaseException | None) -> None:
+        """End the span: with the last answer's status, or as failed by ``error``."""
         from opentelemetry import context, trace
 
+        self._flush()
         span = self._span
         if self._attempts > 1:
             span.set_attribute(RESEND_COUNT, self._attempts - 1)
-        if status is not None:
-            span.set_attribute(STATUS, status)
+        if self._status is not None:
+            span.set_attribute(STATUS, self._status)
         if error is not None:
             # The class name only: a message may quote an answer's body.
             name = type(error).__name__
@@ -166,3 +174,8 @@ class CallSpan:
             span.set_status(trace.Status(trace.StatusCode.ERROR, name))
         span.end()
         context.detach(self._token)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self._span.add_event("attempt", self._pending)
+            self._pending = None

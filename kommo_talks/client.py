@@ -21,6 +21,7 @@ from collections.abc import (
     Callable,
     Iterable,
     Mapping,
+    Sequence,
 )
 from contextvars import ContextVar
 from types import TracebackType
@@ -32,6 +33,7 @@ import orjson
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from ._tracing import CallSpan, OtelTracer, make_tracer
 from ._version import __version__
 from .auth import Auth, LongLivedToken
 from .converter import converter, describe_validation_error, structure_talk
@@ -57,6 +59,7 @@ from .retry import (
     is_retryable_status,
     server_wait,
 )
+from .stats import CONNECTION, TIMEOUT, ClientStats, Counters, RetryCause
 from .urls import normalize_base_url
 
 if TYPE_CHECKING:
@@ -151,6 +154,11 @@ class KommoClient:
             dropped: a 2xx answer raises :class:`DecodeError`, another is
             handled by its status with the part read (of an error answer,
             at most the first MiB is read).
+        trace_configs: aiohttp ``TraceConfig``s for the session the client
+            creates (with ``session=``, configure your own session instead).
+        tracing: one OpenTelemetry span per call (needs the ``otel`` extra);
+            ``None`` (default) follows the ``KOMMO_TALKS_TRACING`` environment
+            variable. See the "Logging and metrics" guide.
         sleep: the sleep function of the retry loop and limiter (tests pass a fake).
         clock: the monotonic clock of the retry loop and limiter.
         rng: the random generator of the backoff jitter.
@@ -160,7 +168,8 @@ class KommoClient:
     header never leaves the account's host.
 
     Raises:
-        ValueError: a bad ``base_url`` or argument.
+        ValueError: a bad ``base_url`` or argument, or ``trace_configs`` with ``session``.
+        ImportError: ``tracing=True`` without ``opentelemetry-api`` installed.
     """
 
     def __init__(
@@ -174,6 +183,8 @@ class KommoClient:
         timeout: float | aiohttp.ClientTimeout = 30.0,
         max_connections: int = 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        trace_configs: Sequence[aiohttp.TraceConfig] | None = None,
+        tracing: bool | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -213,6 +224,9 @@ class KommoClient:
                 f"rate_limit must be a number, a RateLimiter or None, got {rate_limit!r}"
             )
         self._pause = ServerPause(clock)
+        self._trace_configs = _check_trace_configs(trace_configs, session)
+        self._counts = Counters()
+        self._tracer = make_tracer(tracing, self._base.host or "")
         self._session = session
         self._session_loop: asyncio.AbstractEventLoop | None = None  # where it was first used
         self._owns_session = session is None
@@ -259,6 +273,10 @@ class KommoClient:
             if session is not None and self._owns_session and not session.closed:
                 await session.close()
 
+    def stats(self) -> ClientStats:
+        """A frozen snapshot of what the client has done since it was created."""
+        return self._counts.snapshot()
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has been called."""
@@ -273,6 +291,7 @@ class KommoClient:
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
                 timeout=self._timeout,
                 auto_decompress=True,
+                trace_configs=self._trace_configs,
             )
             self._slots = _connection_slots(session, self._limiter)
             self._session_loop = asyncio.get_running_loop()
@@ -453,7 +472,7 @@ class KommoClient:
 
     # -- the request pipeline -------------------------------------------------
 
-    async def _send(
+    def _send(
         self,
         method: str,
         url: str,
@@ -461,13 +480,48 @@ class KommoClient:
         body: bytes | None = None,
         params: Mapping[str, str] | None = None,
         closing: bool = False,
-    ) -> Response:
+    ) -> Awaitable[Response]:
         """Send a request under the retry policy; return a success answer.
 
         With ``closing``, a 422 after an ambiguous attempt is returned as a
         success (the earlier attempt closed the talk), and a first-attempt
-        422 raises :class:`TalkAlreadyClosedError`.
+        422 raises :class:`TalkAlreadyClosedError`. With tracing on, the call
+        is one span (see :mod:`kommo_talks._tracing`); off, this adds no
+        coroutine to the call.
         """
+        if self._tracer is None:
+            return self._attempts(method, url, body, params, closing, None)
+        return self._traced(method, url, body, params, closing, self._tracer)
+
+    async def _traced(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        params: Mapping[str, str] | None,
+        closing: bool,
+        tracer: OtelTracer,
+    ) -> Response:
+        """:meth:`_attempts` inside the call's span."""
+        span = tracer.start(method, url)
+        try:
+            response = await self._attempts(method, url, body, params, closing, span)
+        except BaseException as exc:
+            span.finish(exc)
+            raise
+        span.finish(None)
+        return response
+
+    async def _attempts(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        params: Mapping[str, str] | None,
+        closing: bool,
+        span: CallSpan | None,
+    ) -> Response:
+        """The retry loop of :meth:`_send`."""
         # A closed client fails before anything, a token refresh too. The loop
         # check is inline: a coroutine per request costs more than the check.
         if self._session_loop is asyncio.get_running_loop():
@@ -493,6 +547,8 @@ class KommoClient:
             response, started = await self._exchange(method, url, body, headers, params, gate)
             if not isinstance(response, Response):
                 failure = response
+                if span is not None:
+                    span.attempt(attempt, None, type(failure).__name__)
                 retryable = self._triage(failure, method, url, started, attempt, (token,))
                 # A failed connect sent nothing; anything later may have landed.
                 ambiguous = ambiguous or not isinstance(failure, aiohttp.ClientConnectorError)
@@ -504,10 +560,13 @@ class KommoClient:
                         request_method=method,
                         request_url=url,
                     ) from cause
+                self._retrying(span, TIMEOUT if isinstance(failure, TimeoutError) else CONNECTION)
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
                 continue
 
             status = response.status
+            if span is not None:
+                span.attempt(attempt, status, None)
             self._log(method, url, status, started, attempt)
             if 200 <= status < 300:
                 return response
@@ -519,6 +578,7 @@ class KommoClient:
                 refreshed = True
                 self._refuse_during_long_pause(method, url)
                 if await auth.handle_unauthorized(self, token) and attempt < policy.max_attempts:
+                    self._retrying(span, status)
                     continue
             if not is_retryable_status(status):
                 raise self._error(response, closing=closing)
@@ -531,9 +591,16 @@ class KommoClient:
                 ambiguous = True
             if attempt >= policy.max_attempts:
                 raise error
+            self._retrying(span, status)
             if wait is None:
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
             # else: the client-wide pause makes the next pass of the gates wait.
+
+    def _retrying(self, span: CallSpan | None, cause: RetryCause) -> None:
+        """Count a retry and note its cause on the call's span."""
+        self._counts.on_retry(cause)
+        if span is not None:
+            span.retry(cause)
 
     async def _exchange(
         self,
@@ -562,6 +629,9 @@ class KommoClient:
             # Taken after every wait: a client closed meanwhile sends nothing.
             session = self._session_or_raise()
             started = self._clock()
+            counts = self._counts
+            counts.on_send(method)
+            status: int | None = None
             try:
                 async with session.request(
                     method,
@@ -582,8 +652,11 @@ class KommoClient:
                     else:
                         read, whole = await _read_capped(raw, limit)
                     answer = Response(raw.status, raw.headers, read, method, url, whole)
+                    status = raw.status
             except Exception as exc:
                 return exc, started
+            finally:
+                counts.on_done(status)
             if not whole and 200 <= answer.status < 300:
                 raise DecodeError(
                     f"{method} {url} returned {answer.status} with a body larger than "
@@ -643,7 +716,9 @@ class KommoClient:
                 remaining = pause.remaining()
             if limiter is None:
                 return
+            asked = self._clock()
             await limiter.acquire()
+            self._counts.on_limiter_wait(self._clock() - asked)
             if pause.remaining() <= 0:
                 return
 
@@ -655,7 +730,9 @@ class KommoClient:
         error = self._error(response, retry_after=wait)
         assert isinstance(error, RateLimitError | ServerError)
         if wait is not None:
+            before = max(0.0, self._pause.remaining())
             self._pause.extend(wait, error)
+            self._counts.on_pause(max(0.0, self._pause.remaining()) - before)
         return wait, error
 
     def _headers_for(self, token: str, *, post: bool) -> dict[str, str]:
@@ -710,6 +787,22 @@ class KommoClient:
             TokenRefreshError: the endpoint refused (400/401, carrying the
                 problem's ``hint``), answered otherwise, or kept failing.
         """
+        tracer = self._tracer
+        if tracer is None:
+            return await self._request_tokens(payload, None)
+        span = tracer.start("POST", self._token_url)
+        try:
+            answer = await self._request_tokens(payload, span)
+        except BaseException as exc:
+            span.finish(exc)
+            raise
+        span.finish(None)
+        return answer
+
+    async def _request_tokens(
+        self, payload: Mapping[str, str], span: CallSpan | None
+    ) -> dict[str, Any]:
+        """The retry loop of :meth:`request_tokens`."""
         await self._ready()
         policy = self.retry
         method, url = "POST", self._token_url
@@ -726,6 +819,8 @@ class KommoClient:
             response, started = await self._exchange(method, url, data, headers)
             if not isinstance(response, Response):
                 failure = response
+                if span is not None:
+                    span.attempt(attempt, None, type(failure).__name__)
                 retryable = self._triage(failure, method, url, started, attempt, secrets)
                 if not retryable or attempt >= policy.max_attempts:
                     cause = redacted(failure, secrets)
@@ -733,11 +828,15 @@ class KommoClient:
                         f"the token endpoint could not be reached after {attempt} attempt(s): "
                         f"{_describe(cause)}"
                     ) from cause
+                self._retrying(span, TIMEOUT if isinstance(failure, TimeoutError) else CONNECTION)
                 await self._sleep(backoff_delay(policy, attempt, self._rng))
                 continue
             status = response.status
+            if span is not None:
+                span.attempt(attempt, status, None)
             self._log(method, url, status, started, attempt)
             if status == 200:
+                self._counts.on_refresh()
                 body = self.parse_json(response)
                 if type(body) is not dict:
                     raise DecodeError(
@@ -755,6 +854,7 @@ class KommoClient:
                 if wait is not None and wait > policy.max_delay:
                     raise _token_error(status, problem, text, attempt) from error
                 if attempt < policy.max_attempts:
+                    self._retrying(span, status)
                     if wait is None:
                         await self._sleep(backoff_delay(policy, attempt, self._rng))
                     continue
@@ -831,6 +931,32 @@ def _token_error(
     if block:
         message += " (Kommo blocks this IP or account)"
     return TokenRefreshError(message, status=status, hint=hint, problem=problem, is_block=block)
+
+
+def _check_trace_configs(
+    trace_configs: Sequence[aiohttp.TraceConfig] | None, session: aiohttp.ClientSession | None
+) -> list[aiohttp.TraceConfig] | None:
+    """The ``trace_configs`` for the client's own session, checked.
+
+    Raises:
+        ValueError: not a sequence of ``aiohttp.TraceConfig``, or given with a borrowed session.
+    """
+    if trace_configs is None:
+        return None
+    if session is not None:
+        raise ValueError(
+            "trace_configs applies to the session the client creates; with session=, "
+            "configure your own session: aiohttp.ClientSession(trace_configs=[...])"
+        )
+    if not isinstance(trace_configs, Sequence) or isinstance(trace_configs, str):
+        raise ValueError(
+            f"trace_configs must be a list of aiohttp.TraceConfig, got {trace_configs!r}"
+        )
+    configs = list(trace_configs)
+    for config in configs:
+        if not isinstance(config, aiohttp.TraceConfig):
+            raise ValueError(f"trace_configs must hold aiohttp.TraceConfig, got {config!r}")
+    return configs
 
 
 def _make_timeout(timeout: float | aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:

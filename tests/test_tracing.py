@@ -103,10 +103,12 @@ def test_a_call_is_one_client_span_with_an_event_per_attempt() -> None:
     tracer = OtelTracer("x.kommo.com")
 
     call = tracer.start("GET", "https://x.kommo.com/api/v4/talks/117?secret=abc")
-    call.attempt(1, 503, None, "status")
-    call.attempt(2, None, "ServerDisconnectedError", "connection")
-    call.attempt(3, 200, None, None)
-    call.finish(200, None)
+    call.attempt(1, 503, None)
+    call.retry(503)
+    call.attempt(2, None, "ServerDisconnectedError")
+    call.retry("connection")
+    call.attempt(3, 200, None)
+    call.finish(None)
 
     [span] = finished(exporter)
     assert span.name == "GET /api/v4/talks/{id}"
@@ -156,14 +158,15 @@ def test_a_failed_call_marks_its_span_as_an_error_by_class_name_only() -> None:
     exporter = span_exporter()
     call = OtelTracer("x.kommo.com").start("POST", "/api/v4/talks/5/close")
 
-    call.attempt(1, 404, None, None)
-    call.finish(404, LookupError("the body said: token abc123"))
+    call.attempt(1, 404, None)
+    call.finish(LookupError("the body said: token abc123"))
 
     [span] = finished(exporter)
     assert span.name == "POST /api/v4/talks/{id}/close"
     assert span.status.status_code is StatusCode.ERROR
     assert span.status.description == "LookupError"
     assert (span.attributes or {})["error.type"] == "LookupError"
+    assert (span.attributes or {})["http.response.status_code"] == 404
     assert "abc123" not in repr(span.to_json())
 
 
@@ -175,7 +178,7 @@ def test_the_call_span_is_current_while_the_call_runs() -> None:
     call = OtelTracer("x.kommo.com").start("GET", "/api/v4/talks/1")
 
     inside = trace.get_current_span()
-    call.finish(200, None)
+    call.finish(None)
 
     assert inside is not outside
     assert inside.get_span_context().is_valid
