@@ -11,20 +11,32 @@ import hmac
 import html
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from ..errors import KommoError, TokenRefreshError, TokenStoreError
+from ._model import Account
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from ._registry import KommoAccounts
-
 __all__ = ["Reply", "StateCheck", "add_routes", "handle_disconnect", "handle_redirect"]
 
 logger = logging.getLogger("kommo_talks.accounts")
+
+
+class Installer(Protocol):
+    """What the routes use of :class:`~kommo_talks.accounts.KommoAccounts` (no import cycle)."""
+
+    client_id: str
+
+    def _secret(self) -> str: ...
+
+    async def install(self, code: str, referer: str, state: str | None = None) -> Account: ...
+
+    async def uninstall(self, account_id: int) -> bool: ...
+
 
 StateCheck = str | Callable[[str], Awaitable[bool]] | None
 """The expected ``state``: a value, an async callable that judges it, or ``None`` (not checked)."""
@@ -58,7 +70,7 @@ async def _state_ok(expected: StateCheck, query: Mapping[str, str]) -> bool:
 
 
 async def handle_redirect(
-    accounts: KommoAccounts,
+    accounts: Installer,
     query: Mapping[str, str],
     *,
     state: StateCheck = None,
@@ -105,7 +117,7 @@ async def handle_redirect(
     return Reply(200, page, content_type="text/html")
 
 
-async def handle_disconnect(accounts: KommoAccounts, query: Mapping[str, str]) -> Reply:
+async def handle_disconnect(accounts: Installer, query: Mapping[str, str]) -> Reply:
     """Kommo's disconnect hook (``client_uuid``, ``account_id``, ``signature``): uninstall.
 
     Answers 403 for a signature that does not verify (or another
@@ -131,7 +143,7 @@ async def handle_disconnect(accounts: KommoAccounts, query: Mapping[str, str]) -
 
 
 def add_routes(
-    accounts: KommoAccounts,
+    accounts: Installer,
     app: web.Application,
     redirect_path: str,
     disconnect_path: str,
