@@ -21,6 +21,7 @@ from kommo_talks import (
     NotFoundError,
     OAuth2,
     RetryPolicy,
+    TokenSet,
 )
 from kommo_talks.testing import FakeKommo, Fault
 
@@ -44,6 +45,16 @@ async def make_client(fake: FakeKommo, fake_clock: FakeClock) -> AsyncIterator[M
     yield make
     for client in clients:
         await client.close()
+
+
+def expired_oauth(fake: FakeKommo) -> tuple[TokenSet, OAuth2]:
+    """A token pair whose access token the fake now rejects, and an OAuth2 holding it."""
+    old = fake.oauth.issue_tokens()
+    fake.oauth.expire_access_tokens()
+    store = MemoryTokenStore(old)
+    return old, OAuth2(
+        fake.oauth.client_id, fake.oauth.client_secret, fake.oauth.redirect_uri, store
+    )
 
 
 # -- stats() ---------------------------------------------------------------------------
@@ -157,14 +168,7 @@ async def test_no_rate_limit_means_no_limiter_wait(make_client: MakeClient) -> N
 async def test_a_401_counts_a_token_refresh_and_its_replay(
     make_client: MakeClient, fake: FakeKommo
 ) -> None:
-    old = fake.oauth.issue_tokens()
-    fake.oauth.expire_access_tokens()
-    oauth = OAuth2(
-        fake.oauth.client_id,
-        fake.oauth.client_secret,
-        fake.oauth.redirect_uri,
-        MemoryTokenStore(old),
-    )
+    _, oauth = expired_oauth(fake)
     client = make_client(auth=oauth)
 
     await client.close_talk(7, force=True)
@@ -311,14 +315,7 @@ async def test_spans_never_hold_the_token_or_query_values(
     make_client: MakeClient, fake: FakeKommo
 ) -> None:
     exporter = span_exporter()
-    old = fake.oauth.issue_tokens()
-    fake.oauth.expire_access_tokens()
-    oauth = OAuth2(
-        fake.oauth.client_id,
-        fake.oauth.client_secret,
-        fake.oauth.redirect_uri,
-        MemoryTokenStore(old),
-    )
+    old, oauth = expired_oauth(fake)
     client = make_client(auth=oauth, tracing=True)
 
     await client.close_talk(7, force=True)  # 401, a token refresh, the replay
