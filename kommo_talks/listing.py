@@ -2,7 +2,7 @@
 
 Kommo's lists are HAL documents: the items under ``_embedded.talks``, the
 continuation under ``_links.next.href``, and ``204 No Content`` for an empty
-list. Each page goes through :meth:`KommoClient._send <kommo_talks.KommoClient>`
+list. Each page goes through :class:`~kommo_talks._pipeline.Pipeline`
 (retries, rate limit, auth and server pauses) and its talks are decoded by
 the shared strict converter; only the page's envelope is modelled here.
 """
@@ -10,20 +10,19 @@ the shared strict converter; only the page's envelope is modelled here.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping, Set
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 from yarl import URL
 
+from ._pipeline import Pipeline
 from .converter import converter, describe_validation_error, structure_talks
 from .errors import DecodeError
 from .models import Talk
+from .sansio import Answer as Response
 from .urls import same_origin
-
-if TYPE_CHECKING:
-    from .client import KommoClient, Response
 
 __all__ = ["MAX_PAGE_SIZE", "TalksPage", "encode_filter", "iter_talks"]
 
@@ -143,7 +142,7 @@ def check_page_size(page_size: object) -> int:
 
 
 def iter_talks(
-    client: KommoClient,
+    client: Pipeline,
     *,
     filter: Mapping[str, Any] | None = None,
     page_size: int = MAX_PAGE_SIZE,
@@ -171,15 +170,15 @@ def iter_talks(
     """
     limit = check_page_size(page_size)
     query = [("page", "1"), ("limit", str(limit)), *encode_filter(filter)]
-    first = client._base.with_path(_LIST_PATH).with_query(query)
+    first = client.base.with_path(_LIST_PATH).with_query(query)
     return _pages(client, first)
 
 
-async def _pages(client: KommoClient, url: URL) -> AsyncGenerator[Talk, None]:
+async def _pages(client: Pipeline, url: URL) -> AsyncGenerator[Talk, None]:
     fetched = {url}
-    base = client._base
+    base = client.base
     while True:
-        response = await client._send("GET", str(url))
+        response = await client.send("GET", str(url))
         if response.status == 204:
             return
         talks, next_href = _decode_page(client, response)
@@ -203,9 +202,9 @@ async def _pages(client: KommoClient, url: URL) -> AsyncGenerator[Talk, None]:
         url = next_url
 
 
-def _decode_page(client: KommoClient, response: Response) -> tuple[tuple[Talk, ...], str | None]:
+def _decode_page(client: Pipeline, response: Response) -> tuple[tuple[Talk, ...], str | None]:
     """The talks of a page and its next link's href (``None`` when there is none)."""
-    data = client.parse_json(response)
+    data = client.json(response)
     if type(data) is not dict:
         raise _page_error(response, f"a JSON {type(data).__name__}, expected an object", None)
     next_href = _next_href(response, data.get("_links"))

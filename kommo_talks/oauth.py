@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
+from ._pipeline import token_pipeline
 from .errors import ClientClosedError, TokenRefreshError
 from .tokens import TokenSet
 
@@ -199,14 +200,17 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class _NoAuth:
-    """The auth of the temporary client of :meth:`OAuth2.exchange_code`: never asked."""
-
-    async def access_token(self, endpoint: TokenEndpoint) -> str:
-        raise RuntimeError("exchange_code sends no API request")  # pragma: no cover
-
-    async def handle_unauthorized(self, endpoint: TokenEndpoint, rejected_token: str) -> bool:
-        return False  # pragma: no cover
+def _code_payload(
+    code: str, client_id: str, client_secret: str, redirect_uri: str
+) -> dict[str, str]:
+    """The ``authorization_code`` grant's payload (raises ValueError for an empty argument)."""
+    return {
+        "client_id": _check_text("client_id", client_id),
+        "client_secret": _check_text("client_secret", client_secret),
+        "grant_type": "authorization_code",
+        "code": _check_text("code", code),
+        "redirect_uri": _check_text("redirect_uri", redirect_uri),
+    }
 
 
 # -- OAuth2 ----------------------------------------------------------------------
@@ -350,8 +354,8 @@ class OAuth2:
         """Exchange an authorization code for the first pair, save it to ``store``, return it.
 
         Performs the ``authorization_code`` grant on ``{base_url}/oauth2/access_token``
-        through a temporary :class:`~kommo_talks.KommoClient` (same base URL
-        rules, ``User-Agent``, retries and 30 s timeout; it is closed afterwards).
+        through a temporary request pipeline (a client's base URL rules,
+        ``User-Agent``, retries, rate limit and 30 s timeout; closed afterwards).
         The save replaces whatever the store holds, a corrupt file or a
         revoked pair included: this is how a locked-out integration recovers.
         A code is valid for 20 minutes and only once.
@@ -372,23 +376,14 @@ class OAuth2:
                 "Authorization code has expired") or the endpoint kept failing.
             TokenStoreError: the pair could not be saved.
         """
-        from .client import KommoClient  # the client sits above auth in the import order
-
-        code = _check_text("code", code)
-        client_id = _check_text("client_id", client_id)
-        client_secret = _check_text("client_secret", client_secret)
-        redirect_uri = _check_text("redirect_uri", redirect_uri)
+        payload = _code_payload(code, client_id, client_secret, redirect_uri)
         _check_store(store)
-        payload = {
-            "client_id": client_id,
-            "client_secret": client_secret,
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-        }
-        async with KommoClient(base_url, auth=_NoAuth(), session=session, retry=retry) as client:
+        pipeline = token_pipeline(base_url, session=session, retry=retry)
+        try:
             sent_at = _utcnow()
-            body = await client.request_tokens(payload)
+            body = await pipeline.request_tokens(payload)
+        finally:
+            await pipeline.close()
         tokens = TokenSet.from_token_response(body, now=sent_at, status=200)
         async with _refresh_lock(store, {}):
             await store.save(tokens)
@@ -418,7 +413,7 @@ class OAuth2:
                 # That refresh ran on another client, closed before it sent
                 # anything (a client waits for a refresh on the wire before it
                 # closes): this caller's own client, if open, flies (or joins) anew.
-                if flown_by is endpoint or getattr(endpoint, "closed", False):
+                if flown_by is endpoint or endpoint.closed:
                     raise
 
     def _start_flight(self, endpoint: TokenEndpoint) -> asyncio.Future[None]:
@@ -427,7 +422,7 @@ class OAuth2:
         flight.add_done_callback(_retrieve)
         return flight
 
-    async def _settle(self) -> None:
+    async def aclose(self) -> None:
         """Wait until a refresh in flight has ended (and saved its pair), whatever its outcome.
 
         :meth:`KommoClient.close` calls it, so that closing a client never cuts

@@ -774,7 +774,7 @@ async def test_a_server_wait_from_the_token_endpoint_pauses_the_client(
     client = make_client(retry=RetryPolicy(max_attempts=1, max_delay=10.0))
     fake.script("token", Fault.error(429, retry_after=3))
     with pytest.raises(TokenRefreshError):
-        await client.request_tokens({"grant_type": "refresh_token", "refresh_token": "r"})
+        await client._pipeline.request_tokens({"grant_type": "refresh_token", "refresh_token": "r"})
 
     await client.get_talk(1)
 
@@ -790,7 +790,7 @@ async def test_a_long_pause_sends_no_token_request(
         await client.get_talk(1)
 
     with pytest.raises(RateLimitError):
-        await client.request_tokens({"grant_type": "refresh_token", "refresh_token": "r"})
+        await client._pipeline.request_tokens({"grant_type": "refresh_token", "refresh_token": "r"})
 
     assert attempts(fake, "token") == 0
 
@@ -804,6 +804,9 @@ class RefreshingAuth:
     def __init__(self, *tokens: str) -> None:
         self.tokens = list(tokens)
         self.refreshes = 0
+
+    async def aclose(self) -> None:
+        pass
 
     async def access_token(self, endpoint: object) -> str:
         return self.tokens[0]
