@@ -13,7 +13,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
@@ -60,6 +60,7 @@ _TOKEN_HEADERS: Final = {
     "Accept": "application/json",
     "Content-Type": "application/json",
 }
+Params = Mapping[str, str] | Sequence[tuple[str, str]] | None
 _STRUCTURE_HOOKS: dict[type[Any], Callable[[Any, Any], Any]] = {Talk: structure_talk}
 
 
@@ -197,7 +198,7 @@ class Pipeline:
         url: str,
         *,
         body: bytes | None = None,
-        params: Mapping[str, str] | None = None,
+        params: Params = None,
         kind: Kind = Kind.CALL,
         gate: SendGate | None = None,
         headers: Mapping[str, str] | None = None,
@@ -287,7 +288,7 @@ class Pipeline:
         url: str,
         body: bytes | None,
         headers: Mapping[str, str],
-        params: Mapping[str, str] | None,
+        params: Params,
         gate: SendGate | None,
         secrets: Iterable[str],
         attempt: int,
@@ -326,7 +327,7 @@ class Pipeline:
         url: str,
         body: bytes | None,
         headers: Mapping[str, str],
-        params: Mapping[str, str] | None,
+        params: Params,
     ) -> Answer:
         async with session.request(
             method,

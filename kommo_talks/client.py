@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import aiohttp
 
-from . import _talks
+from . import _calls, _talks
 from ._pipeline import (
     DEFAULT_MAX_RESPONSE_BYTES,
     ERROR_BODY_READ_LIMIT,
@@ -25,6 +25,7 @@ from ._pipeline import (
 )
 from .auth import Auth, LongLivedToken
 from .errors import KommoError
+from .listing import iter_talks, paginate
 from .models import CloseOutcome, Talk
 from .ratelimit import RateLimiter, SlidingWindowRateLimiter
 from .retry import RetryPolicy
@@ -221,9 +222,63 @@ class KommoClient:
         Raises:
             ValueError: a bad ``filter`` or ``page_size`` (before any request).
         """
-        from .listing import iter_talks
-
         return iter_talks(self._pipeline, filter=filter, page_size=page_size)
+
+    # -- any other Kommo v4 call ----------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """Send any Kommo v4 call through the client's token, limiter, pauses and retries.
+
+        ``path`` is relative to the account (``/api/v4/leads``); an absolute
+        URL is accepted only with the client's origin. ``json`` is sent as
+        the JSON body; ``headers`` may add headers (``If-Modified-Since``...)
+        but not ``Authorization``. GET, HEAD, PUT and DELETE are retried like
+        the talk calls; POST and PATCH only when nothing can have been sent
+        (a connect failure, a 429), unless ``idempotent=True``
+        (``idempotent=False`` turns the retries after an ambiguous attempt off).
+
+        Returns:
+            The answer's JSON value; ``None`` for a 204 or an empty body.
+
+        Raises:
+            ValueError: a bad argument, another origin (nothing is sent).
+            APIError: an error answer, by status (a 422 is a plain ``APIError``).
+            TransportError, DecodeError: as for the talk calls.
+        """
+        return await _calls.request(
+            self._pipeline,
+            method,
+            path,
+            params=params,
+            json=json,
+            headers=headers,
+            idempotent=idempotent,
+        )
+
+    def paginate(
+        self, path: str, *, params: Mapping[str, Any] | None = None, embedded: str
+    ) -> AsyncGenerator[Any, None]:
+        """Yield the items of ``_embedded[embedded]`` of a Kommo list, page after page.
+
+        Follows each page's ``_links.next`` (on the client's origin only, and
+        never to a page already fetched: both raise :class:`DecodeError`);
+        a 204, an empty page or a page without a next link ends it. Items are
+        the JSON objects as Kommo sends them, e.g.
+        ``client.paginate("/api/v4/leads", params={"limit": 250}, embedded="leads")``.
+
+        Raises:
+            ValueError: a bad ``path``, ``params`` or ``embedded`` (nothing is sent).
+        """
+        return paginate(self._pipeline, path, params=params, embedded=embedded)
 
 
 def _make_timeout(timeout: float | aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:

@@ -9,14 +9,15 @@ the shared strict converter; only the page's envelope is modelled here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Set
-from typing import Any, Final
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
+from typing import Any, Final, TypeVar
 
 import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 from yarl import URL
 
+from ._calls import check_params, resolve
 from ._pipeline import Pipeline
 from .converter import converter, describe_validation_error, structure_talks
 from .errors import DecodeError
@@ -24,7 +25,9 @@ from .models import Talk
 from .sansio import Answer as Response
 from .urls import same_origin
 
-__all__ = ["MAX_PAGE_SIZE", "TalksPage", "encode_filter", "iter_talks"]
+__all__ = ["MAX_PAGE_SIZE", "TalksPage", "encode_filter", "iter_talks", "pages", "paginate"]
+
+T = TypeVar("T")
 
 MAX_PAGE_SIZE: Final = 250
 """Kommo's maximum ``limit`` per page."""
@@ -171,22 +174,51 @@ def iter_talks(
     limit = check_page_size(page_size)
     query = [("page", "1"), ("limit", str(limit)), *encode_filter(filter)]
     first = client.base.with_path(_LIST_PATH).with_query(query)
-    return _pages(client, first)
+    return pages(client, first, _decode_page)
 
 
-async def _pages(client: Pipeline, url: URL) -> AsyncGenerator[Talk, None]:
+def paginate(
+    pipeline: Pipeline, path: str, *, params: Mapping[str, Any] | None, embedded: str
+) -> AsyncGenerator[Any, None]:
+    """The items of ``_embedded[embedded]``, page after page (see :meth:`KommoClient.paginate`).
+
+    Raises:
+        ValueError: a bad ``path``, ``params`` or ``embedded`` (before any request).
+    """
+    if not isinstance(embedded, str) or not embedded:
+        raise ValueError(f"embedded must be a non-empty string such as 'leads', got {embedded!r}")
+    url = resolve(pipeline, path)
+    pairs = check_params(params)
+    if pairs:
+        url = url.extend_query(pairs)
+
+    def decode(pipeline: Pipeline, answer: Response) -> tuple[list[Any], str | None]:
+        return _embedded_items(pipeline, answer, embedded)
+
+    return pages(pipeline, url, decode)
+
+
+PageDecoder = Callable[[Pipeline, Response], tuple[Sequence[T], str | None]]
+
+
+async def pages(pipeline: Pipeline, url: URL, decode: PageDecoder[T]) -> AsyncGenerator[T, None]:
+    """The items of a HAL list, one page at a time, following ``_links.next``.
+
+    A 204, a page without items or without a next link ends it. A next link
+    to another origin or to a page already fetched raises :class:`DecodeError`.
+    """
     fetched = {url}
-    base = client.base
+    base = pipeline.base
     while True:
-        response = await client.send("GET", str(url))
+        response = await pipeline.send("GET", str(url))
         if response.status == 204:
             return
-        talks, next_href = _decode_page(client, response)
+        items, next_href = decode(pipeline, response)
         status = response.status
-        del response  # hold one page's talks while the caller works, not its body
-        for talk in talks:
-            yield talk
-        if next_href is None or not talks:
+        del response  # hold one page's items while the caller works, not its body
+        for item in items:
+            yield item
+        if next_href is None or not items:
             return
         # Checked when it is to be followed, so that a caller who stops within
         # the page never meets it.
@@ -200,6 +232,27 @@ async def _pages(client: Pipeline, url: URL) -> AsyncGenerator[Talk, None]:
             )
         fetched.add(next_url)
         url = next_url
+
+
+def _embedded_items(
+    pipeline: Pipeline, response: Response, key: str
+) -> tuple[list[Any], str | None]:
+    data = pipeline.json(response)
+    if type(data) is not dict:
+        raise _page_error(response, f"a JSON {type(data).__name__}, expected an object", None)
+    next_href = _next_href(response, data.get("_links"))
+    embedded = data.get("_embedded")
+    if embedded is None:
+        return [], next_href
+    if type(embedded) is not dict:
+        raise _page_error(response, f"expected an object, got {_describe(embedded)}", "_embedded")
+    items = embedded.get(key)
+    if items is None:
+        return [], next_href
+    if type(items) is not list:
+        text = f"expected an array, got {_describe(items)}"
+        raise _page_error(response, text, f"_embedded.{key}")
+    return items, next_href
 
 
 def _decode_page(client: Pipeline, response: Response) -> tuple[tuple[Talk, ...], str | None]:
@@ -267,7 +320,7 @@ def _page_error(response: Response, text: str, path: str | None) -> DecodeError:
     where = f"{path}: {text}" if path and not text.startswith(path) else text
     return DecodeError(
         f"{response.method} {response.url} returned {response.status} with a body that does "
-        f"not fit a talks page: {where}",
+        f"not fit a list page: {where}",
         status=response.status,
         path=path,
     )

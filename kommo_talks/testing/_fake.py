@@ -15,6 +15,7 @@ import attrs
 import orjson
 from aiohttp import web
 
+from ._crm import FakeCRM
 from ._faults import Fault, FaultPlan
 from ._oauth import FakeOAuth
 from ._webhooks import FakeWebhooks, WebhookDelivery, message_add_body, now, talk_event_body
@@ -167,6 +168,7 @@ class FakeKommo:
         record: keep every request in :attr:`requests` (turn off for long
             benchmarks).
         strict_rotation: see :class:`~kommo_talks.testing.FakeOAuth`.
+        account_id, subdomain: the account ``GET /api/v4/account`` describes.
 
     Fault injection: :meth:`script` and :meth:`random_faults`. Permissions:
     :meth:`deny`, :meth:`block`. Counters: :attr:`stats`. Webhooks:
@@ -186,6 +188,8 @@ class FakeKommo:
         nps_bot: bool = False,
         record: bool = True,
         strict_rotation: bool = False,
+        account_id: int = 17029541,
+        subdomain: str = "example",
     ) -> None:
         if rate_limit is not None and rate_limit <= 0:
             raise ValueError("rate_limit must be positive or None")
@@ -193,6 +197,10 @@ class FakeKommo:
         """A valid long-lived token for ``LongLivedToken``."""
         self.talks: dict[int, dict[str, Any]] = {}
         """The talks it holds, by ID, as API payloads (without links)."""
+        self.crm = FakeCRM(
+            account_id=account_id, subdomain=subdomain, leads=[_EXAMPLE["entity_id"]]
+        )
+        """The account and its leads (``GET /api/v4/account``, ``/api/v4/leads``)."""
         self.stats = FakeStats()
         self.requests: list[RecordedRequest] = []
         self.faults = FaultPlan()
@@ -238,6 +246,7 @@ class FakeKommo:
         app.router.add_post("/api/v4/talks/{talk_id}/close", self._route("close", self._close))
         app.router.add_get("/api/v4/talks", self._route("list", self._list_talks))
         app.router.add_post("/oauth2/access_token", self._route("token", self.oauth.handle))
+        self.crm.register(app.router, self._route)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

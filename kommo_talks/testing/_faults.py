@@ -10,7 +10,7 @@ import attrs
 
 __all__ = ["ROUTES", "Fault", "FaultPlan"]
 
-ROUTES = frozenset({"get", "close", "list", "token"})
+ROUTES = frozenset({"get", "close", "list", "token", "account", "leads", "lead_update"})
 """Route names faults can be scripted for."""
 
 
