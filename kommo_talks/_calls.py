@@ -8,7 +8,7 @@ from typing import Any, Final
 import orjson
 from yarl import URL
 
-from ._pipeline import Pipeline
+from ._pipeline import Pipeline, decode_json
 from .sansio import Kind
 from .urls import same_origin
 
@@ -108,4 +108,4 @@ async def request(
     )
     if answer.status == 204 or not answer.body.strip():
         return None
-    return pipeline.json(answer)
+    return decode_json(answer)

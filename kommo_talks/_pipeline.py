@@ -21,6 +21,7 @@ import cattrs
 import orjson
 from yarl import URL
 
+from ._session import SessionHolder
 from ._version import __version__
 from .auth import Auth, LongLivedToken
 from .converter import converter, describe_validation_error, structure_talk
@@ -32,7 +33,16 @@ from .retry import RetryPolicy, backoff_delay, is_retryable_exception
 from .sansio import Action, Answer, Kind, Step, Tally, WireFailure, decide
 from .urls import normalize_base_url
 
-__all__ = ["ERROR_BODY_READ_LIMIT", "USER_AGENT", "Pipeline", "SendGate"]
+__all__ = [
+    "ERROR_BODY_READ_LIMIT",
+    "USER_AGENT",
+    "Pipeline",
+    "SendGate",
+    "decode",
+    "decode_json",
+    "json_object",
+    "token_pipeline",
+]
 
 T = TypeVar("T")
 
@@ -106,18 +116,14 @@ class Pipeline:
         self.retry = retry
         self._limiter = limiter
         self._timeout = timeout
-        self._max_connections = max_connections
         self.max_response_bytes = max_response_bytes
         self._sleep = sleep
         self._clock = clock
         self._rng = rng
         self._pause = ServerPause(clock)
-        self._session = session
-        self._session_loop: asyncio.AbstractEventLoop | None = None  # where it was first used
-        self._owns_session = session is None
-        self._closed = False
-        # With a rate limit: one permit per pooled connection (see _connection_slots).
-        self._slots = None if session is None else _connection_slots(session, limiter)
+        self._session = SessionHolder(
+            session, max_connections=max_connections, timeout=timeout, limiter=limiter
+        )
         self._token_url = f"{self.base_url}{TOKEN_PATH}"
         self.talks_url = f"{self.base_url}/api/v4/talks/"
         self._headers_token: str | None = None
@@ -129,66 +135,20 @@ class Pipeline:
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has been called."""
-        return self._closed
+        return self._session.closed
+
+    async def ready(self) -> aiohttp.ClientSession:
+        """The session to send with in the running loop (see :meth:`SessionHolder.ready`)."""
+        return await self._session.ready()
 
     async def close(self) -> None:
         """Close the session the pipeline owns, after any token refresh in flight. Idempotent."""
-        self._closed = True
+        self._session.closed = True
         try:
             if self.auth is not None:
                 await self.auth.aclose()
         finally:  # even if cancelled while waiting: never leave the session open
-            session, self._session = self._session, None
-            if session is not None and self._owns_session and not session.closed:
-                await session.close()
-
-    def _session_or_raise(self) -> aiohttp.ClientSession:
-        session = self._session
-        if self._closed:
-            raise ClientClosedError("this KommoClient is closed")
-        if session is None:
-            session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
-                timeout=self._timeout,
-                auto_decompress=True,
-            )
-            self._slots = _connection_slots(session, self._limiter)
-            self._session_loop = asyncio.get_running_loop()
-        elif session.closed:
-            raise ClientClosedError("the aiohttp session lent to this KommoClient is closed")
-        elif self._session_loop is None:  # a lent session's first use
-            self._session_loop = asyncio.get_running_loop()
-        return session
-
-    async def ready(self) -> aiohttp.ClientSession:
-        """The session to send with in the running loop; raise if the client cannot send.
-
-        A client used again in a new event loop (a second ``asyncio.run()``)
-        with its own session opens a new one there: the old one, whose loop
-        has closed, is closed without touching that loop.
-
-        Raises:
-            ClientClosedError: the client is closed, the session lent to it
-                is closed or belongs to another event loop, or its own session
-                belongs to another event loop that is still open.
-        """
-        loop = asyncio.get_running_loop()
-        old_loop = self._session_loop
-        if old_loop is not None and old_loop is not loop and not self._closed:
-            if not self._owns_session:
-                raise ClientClosedError(
-                    "the aiohttp session lent to this KommoClient belongs to another event "
-                    "loop: lend it a session created in this loop, or use one client per loop"
-                )
-            if not old_loop.is_closed():
-                raise ClientClosedError(
-                    "this KommoClient's session belongs to another event loop that is still "
-                    "open: close the client there first, or use one client per loop"
-                )
-            old, self._session, self._session_loop = self._session, None, None
-            if old is not None:
-                await old.close()  # its loop is closed: aiohttp leaves that loop alone
-        return self._session_or_raise()
+            await self._session.close()
 
     # -- the driver --------------------------------------------------------------
 
@@ -209,10 +169,11 @@ class Pipeline:
         """
         # A closed client fails before anything, a token refresh too. The loop
         # check is inline: a coroutine per request costs more than the check.
-        if self._session_loop is asyncio.get_running_loop():
-            self._session_or_raise()
+        holder = self._session
+        if holder.loop is asyncio.get_running_loop():
+            holder.current()
         else:  # first use, or a new event loop
-            await self.ready()
+            await holder.ready()
         tally = _FIRST
         while True:
             if gate is not None:
@@ -273,7 +234,7 @@ class Pipeline:
             step = decide(tally, outcome, self.retry, Kind.TOKEN)
             if step.action is Action.SUCCEED:
                 assert isinstance(outcome, Answer)
-                return self.json_object(outcome)
+                return json_object(outcome)
             tally = await self._carry_out(step, method, url, None)
 
     def _refuse_during_long_pause(self, method: str, url: str) -> None:
@@ -297,7 +258,7 @@ class Pipeline:
 
         What the gates raise (a long pause, a closed client, a stopped batch) propagates.
         """
-        slots = self._slots
+        slots = self._session.slots
         if slots is not None:
             await slots.acquire()
         try:
@@ -306,10 +267,19 @@ class Pipeline:
             if gate is not None:
                 gate.before_send()
             # Taken after every wait: a client closed meanwhile sends nothing.
-            session = self._session_or_raise()
+            session = self._session.current()
             started = self._clock()
             try:
-                answer = await self._attempt(session, method, url, body, headers, params)
+                answer = await _attempt(
+                    session,
+                    method,
+                    url,
+                    body,
+                    headers,
+                    params,
+                    self._timeout,
+                    self.max_response_bytes,
+                )
             except Exception as exc:
                 return self._triage(exc, method, url, started, secrets, attempt)
         finally:
@@ -319,38 +289,6 @@ class Pipeline:
         if not 200 <= answer.status < 300:
             answer = answer.redacted(secrets)  # an echo must not leak a secret
         return answer
-
-    async def _attempt(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: str,
-        body: bytes | None,
-        headers: Mapping[str, str],
-        params: Params,
-    ) -> Answer:
-        async with session.request(
-            method,
-            url,
-            params=params,
-            data=body,
-            headers=headers,
-            allow_redirects=False,
-            raise_for_status=False,
-            timeout=self._timeout,
-        ) as raw:
-            status = raw.status
-            limit = self.max_response_bytes
-            if not 200 <= status < 300:
-                limit = min(limit, ERROR_BODY_READ_LIMIT)
-            length = raw.content_length
-            if length is not None and length <= limit and _ENCODING not in raw.headers:
-                read, whole = await raw.read(), True  # a Talk: one read
-            else:
-                read, whole = await _read_capped(raw, limit)
-        if not whole and 200 <= status < 300:
-            raise _TooLarge(status)
-        return Answer(status, raw.headers, read, method, url, whole)
 
     def _triage(
         self,
@@ -375,7 +313,7 @@ class Pipeline:
                 "it was not read further",
                 status=failure.status,
             )
-        if self._closed:
+        if self._session.closed:
             raise ClientClosedError(
                 f"{method} {url}: the KommoClient was closed during the request"
             ) from redacted(failure, secrets)
@@ -432,50 +370,40 @@ class Pipeline:
                 attempt,
             )
 
-    # -- decoding --------------------------------------------------------------
 
-    @staticmethod
-    def json(answer: Answer) -> Any:
-        """The JSON value of an answer's body, or raise :class:`DecodeError`."""
-        try:
-            return orjson.loads(answer.body)
-        except orjson.JSONDecodeError:
-            what = "an empty body" if not answer.body else "a body that is not JSON"
-            raise DecodeError(
-                f"{answer.method} {answer.url} returned {answer.status} with {what} "
-                f"(Content-Type {answer.content_type or 'missing'})",
-                status=answer.status,
-            ) from None
-
-    def json_object(self, answer: Answer) -> dict[str, Any]:
-        """The JSON object of an answer's body, or raise :class:`DecodeError`."""
-        data = self.json(answer)
-        if type(data) is not dict:
-            raise DecodeError(
-                f"{answer.method} {answer.url} returned {answer.status} with a JSON "
-                f"{type(data).__name__}, expected an object",
-                status=answer.status,
-            )
-        return data
-
-    def decode(self, answer: Answer, cls: type[T]) -> T:
-        """Decode a JSON answer into ``cls``, or raise :class:`DecodeError`."""
-        data = self.json_object(answer)
-        hook = _STRUCTURE_HOOKS.get(cls)
-        if hook is None:
-            # The converter's dispatch costs more than the generated hook itself:
-            # look the hook up once per class and call it directly afterwards.
-            hook = _STRUCTURE_HOOKS[cls] = converter.get_structure_hook(cls)
-        try:
-            return hook(data, cls)  # type: ignore[no-any-return]
-        except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
-            text, path = describe_validation_error(exc)
-            raise DecodeError(
-                f"{answer.method} {answer.url} returned {answer.status} with a body "
-                f"that does not fit {cls.__name__}: {text}",
-                status=answer.status,
-                path=path,
-            ) from None
+async def _attempt(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: Mapping[str, str],
+    params: Params,
+    limits: aiohttp.ClientTimeout,
+    max_bytes: int,
+) -> Answer:
+    """Send once and read the answer's body within ``max_bytes`` (an error's within 1 MiB)."""
+    async with session.request(
+        method,
+        url,
+        params=params,
+        data=body,
+        headers=headers,
+        allow_redirects=False,
+        raise_for_status=False,
+        timeout=limits,
+    ) as raw:
+        status = raw.status
+        limit = max_bytes
+        if not 200 <= status < 300:
+            limit = min(limit, ERROR_BODY_READ_LIMIT)
+        length = raw.content_length
+        if length is not None and length <= limit and _ENCODING not in raw.headers:
+            read, whole = await raw.read(), True  # a Talk: one read
+        else:
+            read, whole = await _read_capped(raw, limit)
+    if not whole and 200 <= status < 300:
+        raise _TooLarge(status)
+    return Answer(status, raw.headers, read, method, url, whole)
 
 
 class _TooLarge(Exception):
@@ -506,25 +434,6 @@ async def _read_capped(raw: aiohttp.ClientResponse, limit: int) -> tuple[bytes, 
     return b"".join(chunks), True
 
 
-def _connection_slots(
-    session: aiohttp.ClientSession, limiter: RateLimiter | None
-) -> asyncio.Semaphore | None:
-    """One permit per connection the session's pool allows, when a rate limit applies.
-
-    Requests that would wait for a free connection wait here instead, so the
-    limiter's slots stay the send times. ``None`` without a limiter or pool limit.
-    """
-    if limiter is None:
-        return None
-    connector = session.connector
-    limits = [
-        limit
-        for limit in (getattr(connector, "limit", 0), getattr(connector, "limit_per_host", 0))
-        if isinstance(limit, int) and limit > 0
-    ]
-    return asyncio.Semaphore(min(limits)) if limits else None
-
-
 def token_pipeline(
     base_url: str,
     *,
@@ -553,3 +462,48 @@ def token_pipeline(
         clock=time.monotonic,
         rng=random.Random(),
     )
+
+
+def decode_json(answer: Answer) -> Any:
+    """The JSON value of an answer's body, or raise :class:`DecodeError`."""
+    try:
+        return orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        what = "an empty body" if not answer.body else "a body that is not JSON"
+        raise DecodeError(
+            f"{answer.method} {answer.url} returned {answer.status} with {what} "
+            f"(Content-Type {answer.content_type or 'missing'})",
+            status=answer.status,
+        ) from None
+
+
+def json_object(answer: Answer) -> dict[str, Any]:
+    """The JSON object of an answer's body, or raise :class:`DecodeError`."""
+    data = decode_json(answer)
+    if type(data) is not dict:
+        raise DecodeError(
+            f"{answer.method} {answer.url} returned {answer.status} with a JSON "
+            f"{type(data).__name__}, expected an object",
+            status=answer.status,
+        )
+    return data
+
+
+def decode(answer: Answer, cls: type[T]) -> T:
+    """Decode a JSON answer into ``cls``, or raise :class:`DecodeError`."""
+    data = json_object(answer)
+    hook = _STRUCTURE_HOOKS.get(cls)
+    if hook is None:
+        # The converter's dispatch costs more than the generated hook itself:
+        # look the hook up once per class and call it directly afterwards.
+        hook = _STRUCTURE_HOOKS[cls] = converter.get_structure_hook(cls)
+    try:
+        return hook(data, cls)  # type: ignore[no-any-return]
+    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
+        text, path = describe_validation_error(exc)
+        raise DecodeError(
+            f"{answer.method} {answer.url} returned {answer.status} with a body "
+            f"that does not fit {cls.__name__}: {text}",
+            status=answer.status,
+            path=path,
+        ) from None

@@ -7,7 +7,7 @@ from typing import Final
 import orjson
 
 from ._ids import check_talk_id
-from ._pipeline import Pipeline, SendGate
+from ._pipeline import Pipeline, SendGate, decode
 from .models import Talk
 from .sansio import Kind
 
@@ -22,7 +22,7 @@ async def get_talk(pipeline: Pipeline, talk_id: int, gate: SendGate | None = Non
     """Fetch one talk (see :meth:`KommoClient.get_talk`)."""
     url = pipeline.talks_url + str(check_talk_id(talk_id))
     answer = await pipeline.send("GET", url, gate=gate)
-    return pipeline.decode(answer, Talk)
+    return decode(answer, Talk)
 
 
 async def close_talk(

@@ -224,9 +224,9 @@ def _fast_embedded(embedded: Any) -> TalkEmbedded:
     )
 
 
+# A non-dict fails at the first subscript (TypeError: the callers' slow path);
+# missed_at, status and source_id are optional (a list item has no missed_at).
 def _fast_talk(data: Any) -> Talk:
-    if type(data) is not dict:
-        raise _Unusual
     talk_id = data["talk_id"]
     created_at = data["created_at"]
     updated_at = data["updated_at"]
@@ -238,10 +238,7 @@ def _fast_talk(data: Any) -> Talk:
     is_in_work = data["is_in_work"]
     is_read = data["is_read"]
     origin = data["origin"]
-    missed_at = data.get("missed_at")
     account_id = data["account_id"]
-    status = data.get("status")
-    source_id = data.get("source_id")
     if (
         type(talk_id) is not int
         or type(created_at) is not int
@@ -254,13 +251,12 @@ def _fast_talk(data: Any) -> Talk:
         or type(is_in_work) is not bool
         or type(is_read) is not bool
         or type(origin) is not str
-        or (missed_at is not None and type(missed_at) is not int)
+        or ((missed_at := data.get("missed_at")) is not None and type(missed_at) is not int)
         or type(account_id) is not int
-        or (status is not None and type(status) is not str)
-        or (source_id is not None and type(source_id) is not int)
+        or ((status := data.get("status")) is not None and type(status) is not str)
+        or ((source_id := data.get("source_id")) is not None and type(source_id) is not int)
     ):
         raise _Unusual
-    embedded = _fast_embedded(data.get("_embedded"))
     return Talk(
         talk_id,
         _from_timestamp(created_at, UTC),
@@ -274,7 +270,7 @@ def _fast_talk(data: Any) -> Talk:
         is_read,
         origin,
         account_id,
-        embedded,
+        _fast_embedded(data.get("_embedded")),
         _fast_self_href(data),
         status,
         source_id,

@@ -18,7 +18,7 @@ from cattrs.gen import make_dict_structure_fn, override
 from yarl import URL
 
 from ._calls import check_params, resolve
-from ._pipeline import Pipeline
+from ._pipeline import Pipeline, decode_json
 from .converter import converter, describe_validation_error, structure_talks
 from .errors import DecodeError
 from .models import Talk
@@ -237,7 +237,7 @@ async def pages(pipeline: Pipeline, url: URL, decode: PageDecoder[T]) -> AsyncGe
 def _embedded_items(
     pipeline: Pipeline, response: Response, key: str
 ) -> tuple[list[Any], str | None]:
-    data = pipeline.json(response)
+    data = decode_json(response)
     if type(data) is not dict:
         raise _page_error(response, f"a JSON {type(data).__name__}, expected an object", None)
     next_href = _next_href(response, data.get("_links"))
@@ -257,7 +257,7 @@ def _embedded_items(
 
 def _decode_page(client: Pipeline, response: Response) -> tuple[tuple[Talk, ...], str | None]:
     """The talks of a page and its next link's href (``None`` when there is none)."""
-    data = client.json(response)
+    data = decode_json(response)
     if type(data) is not dict:
         raise _page_error(response, f"a JSON {type(data).__name__}, expected an object", None)
     next_href = _next_href(response, data.get("_links"))

@@ -31,6 +31,7 @@ import attrs
 
 from ._pipeline import token_pipeline
 from .errors import ClientClosedError, TokenRefreshError
+from .stores import LockingTokenStore, TokenStore
 from .tokens import TokenSet
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
     from .auth import TokenEndpoint
     from .retry import RetryPolicy
-    from .stores import TokenStore
 
 __all__ = ["REFRESH_MARGIN", "OAuth2", "Plan", "Step", "is_stale", "plan_refresh"]
 
@@ -166,10 +166,8 @@ def _in_process_lock(store: object, fallback: dict[str, Any]) -> asyncio.Lock:
 
 def _refresh_lock(store: object, fallback: dict[str, Any]) -> AbstractAsyncContextManager[Any]:
     """The store's ``refresh_lock()`` if it has one, else the in-process lock of the store."""
-    factory = getattr(store, "refresh_lock", None)
-    if callable(factory):
-        lock: AbstractAsyncContextManager[Any] = factory()
-        return lock
+    if isinstance(store, LockingTokenStore):
+        return store.refresh_lock()
     return _in_process_lock(store, fallback)
 
 
@@ -194,6 +192,17 @@ def _check_store(store: object) -> None:
                 f"store must be a TokenStore (with async load() and save()), "
                 f"got {type(store).__name__}"
             )
+
+
+async def _save_first_pair(store: TokenStore, tokens: TokenSet) -> None:
+    async with _refresh_lock(store, {}):
+        await store.save(tokens)
+    logger.info(
+        "OAuth2: authorization code exchanged; tokens saved to the %s "
+        "(access token valid until %s)",
+        type(store).__name__,
+        tokens.expires_at.isoformat(),
+    )
 
 
 def _utcnow() -> datetime:
@@ -385,14 +394,7 @@ class OAuth2:
         finally:
             await pipeline.close()
         tokens = TokenSet.from_token_response(body, now=sent_at, status=200)
-        async with _refresh_lock(store, {}):
-            await store.save(tokens)
-        logger.info(
-            "OAuth2: authorization code exchanged; tokens saved to the %s "
-            "(access token valid until %s)",
-            type(store).__name__,
-            tokens.expires_at.isoformat(),
-        )
+        await _save_first_pair(store, tokens)
         return tokens
 
     # -- the refresh ----------------------------------------------------------------

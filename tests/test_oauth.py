@@ -947,7 +947,7 @@ async def test_a_close_cancelled_while_it_waits_for_a_refresh_still_closes_the_s
     client = KommoClient(fake.url, auth=oauth_for(fake, store), retry=FAST, rate_limit=held)
     call = asyncio.create_task(client.get_talk(1))  # its refresh waits in the limiter
     await held.waiting.wait()
-    session = client._pipeline._session
+    session = client._pipeline._session._session
     closing = asyncio.create_task(client.close())
     await asyncio.sleep(0)  # close() is now waiting for the refresh
     closing.cancel()
