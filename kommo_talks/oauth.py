@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
+from ._loops import LoopLock
 from ._pipeline import token_pipeline
 from .errors import ClientClosedError, TokenRefreshError
 from .stores import LockingTokenStore, TokenStore
@@ -141,30 +142,23 @@ def plan_refresh(
 # Keyed by identity, not by hash: a store need not be hashable (a dataclass is
 # not), and two equal store objects are still two stores. An entry goes when
 # its store is garbage collected.
-_store_locks: dict[int, tuple[weakref.ref[Any], asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+_store_locks: dict[int, tuple[weakref.ref[Any], LoopLock]] = {}
 
 
-def _in_process_lock(store: object, fallback: dict[str, Any]) -> asyncio.Lock:
-    loop = asyncio.get_running_loop()
+def _in_process_lock(store: object, fallback: LoopLock) -> asyncio.Lock:
     key = id(store)
     entry = _store_locks.get(key)
+    if entry is None or entry[0]() is not store:
+        try:
+            ref = weakref.ref(store, lambda _, key=key: _store_locks.pop(key, None))  # type: ignore[misc]
+        except TypeError:  # a store that cannot be weakly referenced: one lock per OAuth2
+            return fallback.get()
+        entry = _store_locks[key] = (ref, LoopLock())
     # A lock is bound to the loop it waited in; a store may outlive an asyncio.run().
-    if entry is not None and entry[0]() is store and entry[1] is loop:
-        return entry[2]
-    try:
-        ref = weakref.ref(store, lambda _, key=key: _store_locks.pop(key, None))  # type: ignore[misc]
-    except TypeError:  # a store that cannot be weakly referenced: one lock per OAuth2
-        kept = fallback.get("entry")
-        if kept is None or kept[0] is not loop:
-            kept = fallback["entry"] = (loop, asyncio.Lock())
-        lock: asyncio.Lock = kept[1]
-        return lock
-    lock = asyncio.Lock()
-    _store_locks[key] = (ref, loop, lock)
-    return lock
+    return entry[1].get()
 
 
-def _refresh_lock(store: object, fallback: dict[str, Any]) -> AbstractAsyncContextManager[Any]:
+def _refresh_lock(store: object, fallback: LoopLock) -> AbstractAsyncContextManager[Any]:
     """The store's ``refresh_lock()`` if it has one, else the in-process lock of the store."""
     if isinstance(store, LockingTokenStore):
         return store.refresh_lock()
@@ -195,7 +189,7 @@ def _check_store(store: object) -> None:
 
 
 async def _save_first_pair(store: TokenStore, tokens: TokenSet) -> None:
-    async with _refresh_lock(store, {}):
+    async with _refresh_lock(store, LoopLock()):
         await store.save(tokens)
     logger.info(
         "OAuth2: authorization code exchanged; tokens saved to the %s "
@@ -292,7 +286,7 @@ class OAuth2:
         self._flight_endpoint: TokenEndpoint | None = None  # the client the refresh runs on
         # A refresh token Kommo refused (400/401), and its error: not sent again.
         self._refused: tuple[str, TokenRefreshError] | None = None
-        self._fallback_lock: dict[str, Any] = {}
+        self._fallback_lock = LoopLock()
 
     def __repr__(self) -> str:
         return (
