@@ -18,12 +18,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .models import EntityRef, Talk, TalkEmbedded
 
-__all__ = ["converter", "describe_validation_error", "structure_talk", "structure_talks"]
+__all__ = [
+    "TalksPage",
+    "TalksPageDocument",
+    "converter",
+    "describe_validation_error",
+    "structure_talk",
+    "structure_talks",
+]
 
 T = TypeVar("T")
 
@@ -306,3 +314,52 @@ def structure_talks(items: list[Any]) -> tuple[Talk, ...]:
     except (_Unusual, LookupError, TypeError, ValueError, OverflowError, OSError):
         pass
     return converter.structure(items, tuple[Talk, ...])
+
+
+# -- the talks list page (``GET /api/v4/talks``) -----------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+@attrs.frozen
+class TalksPage:
+    """The talks of one list page (``_embedded.talks``), decoded as :class:`Talk`."""
+
+    talks: tuple[Talk, ...]
+
+
+@attrs.frozen
+class TalksPageDocument:
+    """The part of a talks list page the converter decodes: its ``_embedded`` object."""
+
+    embedded: TalksPage
+
+
+def _structure_talk_list(value: Any, _: Any) -> tuple[Talk, ...]:
+    # Checked here: cattrs' tuple hook would iterate a string or a dict.
+    if type(value) is not list:
+        raise TypeError(f"expected an array, got {_type_name(value)}")
+    return structure_talks(value)
+
+
+def _structure_page_embedded(value: Any, _: Any) -> TalksPage:
+    if type(value) is not dict:
+        raise TypeError(f"expected an object, got {_type_name(value)}")
+    return _structure_page(value, TalksPage)
+
+
+_structure_page = make_dict_structure_fn(
+    TalksPage, converter, talks=override(struct_hook=_structure_talk_list)
+)
+converter.register_structure_hook(TalksPage, _structure_page)
+converter.register_structure_hook(
+    TalksPageDocument,
+    make_dict_structure_fn(
+        TalksPageDocument,
+        converter,
+        # The attribute is named `embedded` so that error paths read `_embedded.talks[3]...`.
+        embedded=override(rename="_embedded", struct_hook=_structure_page_embedded),
+    ),
+)

@@ -12,14 +12,12 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
 from typing import Any, Final, TypeVar
 
-import attrs
 import cattrs
-from cattrs.gen import make_dict_structure_fn, override
 from yarl import URL
 
 from ._calls import check_params, resolve
 from ._pipeline import Pipeline, decode_json
-from .converter import converter, describe_validation_error, structure_talks
+from .converter import TalksPage, TalksPageDocument, converter, describe_validation_error
 from .errors import DecodeError
 from .models import Talk
 from .sansio import Answer as Response
@@ -36,50 +34,8 @@ _LIST_PATH: Final = "/api/v4/talks"
 _MAX_TEXT: Final = 400  # a page of 250 bad talks would otherwise make a huge message
 
 
-@attrs.frozen
-class TalksPage:
-    """The talks of one list page (``_embedded.talks``), decoded as :class:`Talk`."""
-
-    talks: tuple[Talk, ...]
-
-
-@attrs.frozen
-class _PageDocument:
-    """The part of a list page the converter decodes: its ``_embedded`` object."""
-
-    embedded: TalksPage
-
-
 def _describe(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def _structure_talk_list(value: Any, _: Any) -> tuple[Talk, ...]:
-    # Checked here: cattrs' tuple hook would iterate a string or a dict.
-    if type(value) is not list:
-        raise TypeError(f"expected an array, got {_describe(value)}")
-    return structure_talks(value)
-
-
-def _structure_embedded(value: Any, _: Any) -> TalksPage:
-    if type(value) is not dict:
-        raise TypeError(f"expected an object, got {_describe(value)}")
-    return _structure_page(value, TalksPage)
-
-
-_structure_page = make_dict_structure_fn(
-    TalksPage, converter, talks=override(struct_hook=_structure_talk_list)
-)
-converter.register_structure_hook(TalksPage, _structure_page)
-converter.register_structure_hook(
-    _PageDocument,
-    make_dict_structure_fn(
-        _PageDocument,
-        converter,
-        # The attribute is named `embedded` so that error paths read `_embedded.talks[3]...`.
-        embedded=override(rename="_embedded", struct_hook=_structure_embedded),
-    ),
-)
 
 
 def encode_filter(filter: Mapping[str, Any] | None) -> list[tuple[str, str]]:
@@ -262,7 +218,7 @@ def _decode_page(client: Pipeline, response: Response) -> tuple[tuple[Talk, ...]
         raise _page_error(response, f"a JSON {type(data).__name__}, expected an object", None)
     next_href = _next_href(response, data.get("_links"))
     try:
-        document = converter.structure(data, _PageDocument)
+        document = converter.structure(data, TalksPageDocument)
     except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
         text, path = describe_validation_error(exc)
         if len(text) > _MAX_TEXT:
