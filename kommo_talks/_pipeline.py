@@ -270,23 +270,43 @@ class Pipeline:
             session = self._session.current()
             started = self._clock()
             try:
-                answer = await _attempt(
-                    session,
+                async with session.request(
                     method,
                     url,
-                    body,
-                    headers,
-                    params,
-                    self._timeout,
-                    self.max_response_bytes,
-                )
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    raise_for_status=False,
+                    timeout=self._timeout,
+                ) as raw:
+                    limit = _read_limit(raw, self.max_response_bytes)
+                    if limit is None:  # a Talk: one read
+                        read, whole = await raw.read(), True
+                    else:
+                        read, whole = await _read_capped(raw, limit)
+                    answer = Answer(raw.status, raw.headers, read, method, url, whole)
             except Exception as exc:
                 return self._triage(exc, method, url, started, secrets, attempt)
         finally:
             if slots is not None:
                 slots.release()
-        self._log(method, url, answer.status, started, attempt)
-        if not 200 <= answer.status < 300:
+        return self._received(answer, started, secrets, attempt)
+
+    def _received(
+        self, answer: Answer, started: float, secrets: Iterable[str], attempt: int
+    ) -> Answer:
+        """Log an answer; redact a failed one's body. A cut 2xx raises :class:`DecodeError`."""
+        status = answer.status
+        if not answer.whole and 200 <= status < 300:
+            raise DecodeError(
+                f"{answer.method} {answer.url} returned {status} with a body larger than "
+                f"max_response_bytes ({self.max_response_bytes} bytes); "
+                "it was not read further",
+                status=status,
+            )
+        self._log(answer.method, answer.url, status, started, attempt)
+        if not 200 <= status < 300:
             answer = answer.redacted(secrets)  # an echo must not leak a secret
         return answer
 
@@ -303,16 +323,8 @@ class Pipeline:
 
         Raises:
             ClientClosedError: the client was closed while the request was in flight.
-            DecodeError: a 2xx answer larger than ``max_response_bytes``.
             Exception: ``failure`` itself when it is not a connection failure (a bug).
         """
-        if isinstance(failure, _TooLarge):
-            raise DecodeError(
-                f"{method} {url} returned {failure.status} with a body larger than "
-                f"max_response_bytes ({self.max_response_bytes} bytes); "
-                "it was not read further",
-                status=failure.status,
-            )
         if self._session.closed:
             raise ClientClosedError(
                 f"{method} {url}: the KommoClient was closed during the request"
@@ -371,47 +383,21 @@ class Pipeline:
             )
 
 
-async def _attempt(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    body: bytes | None,
-    headers: Mapping[str, str],
-    params: Params,
-    limits: aiohttp.ClientTimeout,
-    max_bytes: int,
-) -> Answer:
-    """Send once and read the answer's body within ``max_bytes`` (an error's within 1 MiB)."""
-    async with session.request(
-        method,
-        url,
-        params=params,
-        data=body,
-        headers=headers,
-        allow_redirects=False,
-        raise_for_status=False,
-        timeout=limits,
-    ) as raw:
-        status = raw.status
-        limit = max_bytes
-        if not 200 <= status < 300:
-            limit = min(limit, ERROR_BODY_READ_LIMIT)
-        length = raw.content_length
-        if length is not None and length <= limit and _ENCODING not in raw.headers:
-            read, whole = await raw.read(), True  # a Talk: one read
-        else:
-            read, whole = await _read_capped(raw, limit)
-    if not whole and 200 <= status < 300:
-        raise _TooLarge(status)
-    return Answer(status, raw.headers, read, method, url, whole)
+def _read_limit(raw: aiohttp.ClientResponse, max_bytes: int) -> int | None:
+    """The most of the body to read, or None to read it in one go.
 
-
-class _TooLarge(Exception):
-    """A 2xx answer cut at ``max_response_bytes`` (internal: turned into DecodeError)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+    A body with a Content-Length within the limit and no Content-Encoding
+    is read in one go; any other (chunked, or compressed: its size after
+    decompression is unknown) is read in chunks and cut at the limit (an
+    error answer's at :data:`ERROR_BODY_READ_LIMIT`).
+    """
+    limit = max_bytes
+    if not 200 <= raw.status < 300:
+        limit = min(limit, ERROR_BODY_READ_LIMIT)
+    length = raw.content_length
+    if length is not None and length <= limit and _ENCODING not in raw.headers:
+        return None
+    return limit
 
 
 async def _read_capped(raw: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:

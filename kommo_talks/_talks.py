@@ -18,10 +18,22 @@ __all__ = ["close_talk", "get_talk"]
 _CLOSE_BODIES: Final = {True: orjson.dumps({"force_close": True}), False: b"{}"}
 
 
+def talk_url(pipeline: Pipeline, talk_id: int) -> str:
+    """The URL of a talk (raises ValueError for a bad ``talk_id``)."""
+    return pipeline.talks_url + str(check_talk_id(talk_id))
+
+
+def close_request(pipeline: Pipeline, talk_id: int, force: bool) -> tuple[str, bytes]:
+    """The URL and body of a talk's close (raises ValueError for a bad argument)."""
+    url = talk_url(pipeline, talk_id) + "/close"
+    if not isinstance(force, bool):
+        raise ValueError(f"force must be a bool, got {force!r}")
+    return url, _CLOSE_BODIES[force]
+
+
 async def get_talk(pipeline: Pipeline, talk_id: int, gate: SendGate | None = None) -> Talk:
     """Fetch one talk (see :meth:`KommoClient.get_talk`)."""
-    url = pipeline.talks_url + str(check_talk_id(talk_id))
-    answer = await pipeline.send("GET", url, gate=gate)
+    answer = await pipeline.send("GET", talk_url(pipeline, talk_id), gate=gate)
     return decode(answer, Talk)
 
 
@@ -29,7 +41,5 @@ async def close_talk(
     pipeline: Pipeline, talk_id: int, force: bool, gate: SendGate | None = None
 ) -> None:
     """Close one talk (see :meth:`KommoClient.close_talk`)."""
-    url = pipeline.talks_url + str(check_talk_id(talk_id)) + "/close"
-    if not isinstance(force, bool):
-        raise ValueError(f"force must be a bool, got {force!r}")
-    await pipeline.send("POST", url, body=_CLOSE_BODIES[force], kind=Kind.CLOSE, gate=gate)
+    url, body = close_request(pipeline, talk_id, force)
+    await pipeline.send("POST", url, body=body, kind=Kind.CLOSE, gate=gate)

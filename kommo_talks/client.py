@@ -22,6 +22,7 @@ from ._pipeline import (
     ERROR_BODY_READ_LIMIT,
     USER_AGENT,
     Pipeline,
+    decode,
 )
 from .auth import Auth, LongLivedToken
 from .errors import KommoError
@@ -29,6 +30,7 @@ from .listing import iter_talks, paginate
 from .models import CloseOutcome, Talk
 from .ratelimit import RateLimiter, SlidingWindowRateLimiter
 from .retry import RetryPolicy
+from .sansio import Kind
 from .urls import normalize_base_url
 
 if TYPE_CHECKING:
@@ -154,7 +156,11 @@ class KommoClient:
             NotFoundError: no such talk. See :class:`APIError` for the others.
             DecodeError: the answer does not fit :class:`Talk`.
         """
-        return await _talks.get_talk(self._pipeline, talk_id)
+        # The pipeline is called here, not through _talks.get_talk: a coroutine
+        # level costs on every suspension of the request.
+        pipeline = self._pipeline
+        answer = await pipeline.send("GET", _talks.talk_url(pipeline, talk_id))
+        return decode(answer, Talk)
 
     async def close_talk(self, talk_id: int, *, force: bool = False) -> None:
         """Close a talk; with ``force=True`` without launching Kommo's NPS bot.
@@ -169,7 +175,8 @@ class KommoClient:
         Raises:
             ValueError: ``talk_id`` is not a positive int (nothing is sent).
         """
-        await _talks.close_talk(self._pipeline, talk_id, force)
+        url, body = _talks.close_request(self._pipeline, talk_id, force)
+        await self._pipeline.send("POST", url, body=body, kind=Kind.CLOSE)
 
     async def close_talks(
         self,

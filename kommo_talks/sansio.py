@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -116,7 +116,7 @@ class Step:
 
     Attributes:
         action: what to do.
-        tally: the tally after this attempt (the next attempt's counts).
+        tally: the next attempt's counts (not meaningful for ``SUCCEED``).
         error: the exception to raise (``GIVE_UP``, or ``REFRESH`` when no refresh helps).
         pause: a server-given wait that pauses the whole client, in seconds.
         pause_error: the error the pause stands for (raised by calls that cannot wait).
@@ -131,6 +131,10 @@ class Step:
     retry: bool = False
 
 
+SUCCEED: Final = Step(Action.SUCCEED, Tally())
+"""The step of every success (one value: nothing is allocated per request)."""
+
+
 def decide(tally: Tally, outcome: Answer | WireFailure, policy: RetryPolicy, kind: Kind) -> Step:
     """The step after one attempt: succeed, give up, back off, wait a pause or refresh.
 
@@ -142,7 +146,7 @@ def decide(tally: Tally, outcome: Answer | WireFailure, policy: RetryPolicy, kin
         return _after_failure(tally, outcome, policy, kind)
     status = outcome.status
     if (200 <= status < 300 and kind is not Kind.TOKEN) or (status == 200):
-        return Step(Action.SUCCEED, tally)
+        return SUCCEED
     if status == 422 and kind is Kind.CLOSE and tally.ambiguous:
         return Step(Action.SUCCEED, tally)  # the earlier attempt closed the talk
     if status == 401 and kind is not Kind.TOKEN and not tally.refreshed:
