@@ -13,5 +13,5 @@ MAX_ID: Final = 2**63 - 1
 def check_talk_id(talk_id: object) -> int:
     """Return ``talk_id`` if it is an ``int`` (not a ``bool``) in 1..MAX_ID, else ValueError."""
     if type(talk_id) is not int or not 0 < talk_id <= MAX_ID:
-        raise ValueError(f"talk_id must be a positive int, got {talk_id!r}")
+        raise ValueError(f"talk_id must be a positive int up to 2**63-1, got {talk_id!r}")
     return talk_id

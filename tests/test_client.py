@@ -35,7 +35,7 @@ from kommo_talks import (
 )
 from kommo_talks.testing import FakeKommo, Fault
 
-BAD_TALK_IDS = [0, -1, True, False, 1.0, "1", None, 2**0.5]
+BAD_TALK_IDS = [0, -1, True, False, 1.0, "1", None, 2**0.5, 2**63]
 
 
 # -- operations -----------------------------------------------------------------
