@@ -30,6 +30,11 @@ class TokenEndpoint(Protocol):
         """
         ...
 
+    @property
+    def closed(self) -> bool:
+        """True once the client (or pipeline) offering the endpoint is closed."""
+        ...
+
 
 class Auth(Protocol):
     """An authentication strategy (``LongLivedToken`` or ``OAuth2``)."""
@@ -40,6 +45,10 @@ class Auth(Protocol):
 
     async def handle_unauthorized(self, endpoint: TokenEndpoint, rejected_token: str) -> bool:
         """Kommo answered 401 to ``rejected_token``; return True if a new token is ready."""
+        ...
+
+    async def aclose(self) -> None:
+        """Wait for any token refresh in flight to end (and its pair to be saved)."""
         ...
 
 
@@ -80,3 +89,6 @@ class LongLivedToken:
     async def handle_unauthorized(self, endpoint: TokenEndpoint, rejected_token: str) -> bool:
         """A long-lived token cannot be refreshed: always False."""
         return False
+
+    async def aclose(self) -> None:
+        """Nothing to wait for."""

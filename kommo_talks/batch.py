@@ -39,9 +39,11 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, cast
+from typing import Final, Generic, Protocol, TypeVar, cast
 
-from .client import check_talk_id, send_gate
+from . import _talks
+from ._ids import check_talk_id
+from ._pipeline import Pipeline
 from .errors import (
     ClientClosedError,
     CoordinationError,
@@ -54,8 +56,19 @@ from .errors import (
 )
 from .models import CloseOutcome, CloseStatus, Talk
 
-if TYPE_CHECKING:
-    from .client import KommoClient
+
+class PipelineOwner(Protocol):
+    """What owns a pipeline (a ``KommoClient``): the batch sends through it."""
+
+    _pipeline: Pipeline
+
+
+Sender = Pipeline | PipelineOwner
+
+
+def _pipeline_of(sender: Sender) -> Pipeline:
+    return sender if isinstance(sender, Pipeline) else sender._pipeline
+
 
 __all__ = [
     "BatchRun",
@@ -133,7 +146,7 @@ class _Stopped(Exception):
 class Operation(Protocol[R]):
     """What a batch does to one talk, and how its result reads (internal)."""
 
-    async def __call__(self, talk_id: int) -> R:
+    async def __call__(self, talk_id: int, gate: _Gate) -> R:
         """Do it; a :class:`KommoError` becomes part of the result, never raised."""
         ...
 
@@ -147,15 +160,15 @@ class Operation(Protocol[R]):
 
 
 class _Close:
-    __slots__ = ("_client", "_force")
+    __slots__ = ("_force", "_pipeline")
 
-    def __init__(self, client: KommoClient, force: bool) -> None:
-        self._client = client
+    def __init__(self, pipeline: Pipeline, force: bool) -> None:
+        self._pipeline = pipeline
         self._force = force
 
-    async def __call__(self, talk_id: int) -> CloseOutcome:
+    async def __call__(self, talk_id: int, gate: _Gate) -> CloseOutcome:
         try:
-            await self._client.close_talk(talk_id, force=self._force)
+            await _talks.close_talk(self._pipeline, talk_id, self._force, gate)
         except TalkAlreadyClosedError:
             return CloseOutcome(talk_id, CloseStatus.ALREADY_CLOSED)
         except KommoError as error:
@@ -170,14 +183,14 @@ class _Close:
 
 
 class _Get:
-    __slots__ = ("_client",)
+    __slots__ = ("_pipeline",)
 
-    def __init__(self, client: KommoClient) -> None:
-        self._client = client
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
 
-    async def __call__(self, talk_id: int) -> Talk | KommoError:
+    async def __call__(self, talk_id: int, gate: _Gate) -> Talk | KommoError:
         try:
-            return await self._client.get_talk(talk_id)
+            return await _talks.get_talk(self._pipeline, talk_id, gate)
         except KommoError as error:
             return shed_frames(error)
 
@@ -189,7 +202,7 @@ class _Get:
 
 
 class _Gate:
-    """One worker's send gate (see ``kommo_talks.client.send_gate``)."""
+    """One worker's send gate (a :class:`~kommo_talks._pipeline.SendGate`): refuses once stopped."""
 
     __slots__ = ("run", "sent")
 
@@ -197,11 +210,14 @@ class _Gate:
         self.run = run
         self.sent = False  # the current call has put a request on the wire
 
-    def __call__(self, sending: bool) -> None:
+    def before_waits(self) -> None:
         if self.run.stop_error is not None:
             raise _Stopped
-        if sending:
-            self.sent = True
+
+    def before_send(self) -> None:
+        if self.run.stop_error is not None:
+            raise _Stopped
+        self.sent = True
 
 
 class BatchRun(Generic[R]):
@@ -225,14 +241,14 @@ class BatchRun(Generic[R]):
 
     def __init__(
         self,
-        client: KommoClient,
+        pipeline: Pipeline,
         ids: Iterable[int] | AsyncIterable[int],
         operation: Operation[R],
         *,
         concurrency: int,
     ) -> None:
         check_concurrency(concurrency)
-        if client.closed:
+        if pipeline.closed:
             raise ClientClosedError("this KommoClient is closed")
         self._sync_ids: Iterator[object] | None = None
         self._async_ids: AsyncIterator[object] | None = None
@@ -244,7 +260,7 @@ class BatchRun(Generic[R]):
             raise TypeError(f"ids must be an iterable or async iterable, got {type(ids).__name__}")
         self._operation = operation
         self._concurrency = concurrency
-        self._max_delay = client.retry.max_delay
+        self._max_delay = pipeline.retry.max_delay
         self.stop_error: KommoError | None = None
         self.unsent: list[int] = []
         self.read = 0
@@ -356,19 +372,14 @@ class BatchRun(Generic[R]):
                     result = operation.failed(talk_id, stop)
                 else:
                     gate.sent = False
-                    # Set around the request only: tasks that `progress` starts
-                    # must not inherit the batch's gate.
-                    gate_token = send_gate.set(gate)
                     try:
-                        result = await operation(talk_id)
+                        result = await operation(talk_id, gate)
                     except _Stopped:
                         stop = self.stop_error
                         assert stop is not None
                         if not gate.sent:
                             self.unsent.append(talk_id)
                         result = operation.failed(talk_id, stop)
-                    finally:
-                        send_gate.reset(gate_token)
                     error = operation.error_of(result)
                     if (
                         error is not None
@@ -524,7 +535,7 @@ def _check_force(force: object) -> bool:
 
 
 def close_run(
-    client: KommoClient,
+    client: Sender,
     ids: Iterable[int] | AsyncIterable[int],
     *,
     force: bool = False,
@@ -537,21 +548,23 @@ def close_run(
         TypeError: ``ids`` is not iterable.
     """
     check_concurrency(concurrency)
-    return BatchRun(client, ids, _Close(client, _check_force(force)), concurrency=concurrency)
+    pipeline = _pipeline_of(client)
+    return BatchRun(pipeline, ids, _Close(pipeline, _check_force(force)), concurrency=concurrency)
 
 
 def get_run(
-    client: KommoClient,
+    client: Sender,
     ids: Iterable[int] | AsyncIterable[int],
     *,
     concurrency: int = 10,
 ) -> BatchRun[Talk | KommoError]:
     """A :class:`BatchRun` that fetches talks (what ``get_talks`` runs)."""
-    return BatchRun(client, ids, _Get(client), concurrency=concurrency)
+    pipeline = _pipeline_of(client)
+    return BatchRun(pipeline, ids, _Get(pipeline), concurrency=concurrency)
 
 
 async def close_talks(
-    client: KommoClient,
+    client: Sender,
     ids: Iterable[int] | AsyncIterable[int],
     *,
     force: bool,
@@ -566,7 +579,7 @@ async def close_talks(
 
 
 def iter_close_talks(
-    client: KommoClient,
+    client: Sender,
     ids: Iterable[int] | AsyncIterable[int],
     *,
     force: bool,
@@ -583,7 +596,7 @@ def iter_close_talks(
 
 
 async def get_talks(
-    client: KommoClient,
+    client: Sender,
     ids: Iterable[int] | AsyncIterable[int],
     *,
     concurrency: int,

@@ -18,12 +18,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .models import EntityRef, Talk, TalkEmbedded
 
-__all__ = ["converter", "describe_validation_error", "structure_talk", "structure_talks"]
+__all__ = [
+    "TalksPage",
+    "TalksPageDocument",
+    "converter",
+    "describe_validation_error",
+    "structure_talk",
+    "structure_talks",
+]
 
 T = TypeVar("T")
 
@@ -224,9 +232,9 @@ def _fast_embedded(embedded: Any) -> TalkEmbedded:
     )
 
 
+# A non-dict fails at the first subscript (TypeError: the callers' slow path);
+# missed_at, status and source_id are optional (a list item has no missed_at).
 def _fast_talk(data: Any) -> Talk:
-    if type(data) is not dict:
-        raise _Unusual
     talk_id = data["talk_id"]
     created_at = data["created_at"]
     updated_at = data["updated_at"]
@@ -238,10 +246,7 @@ def _fast_talk(data: Any) -> Talk:
     is_in_work = data["is_in_work"]
     is_read = data["is_read"]
     origin = data["origin"]
-    missed_at = data.get("missed_at")
     account_id = data["account_id"]
-    status = data.get("status")
-    source_id = data.get("source_id")
     if (
         type(talk_id) is not int
         or type(created_at) is not int
@@ -254,13 +259,12 @@ def _fast_talk(data: Any) -> Talk:
         or type(is_in_work) is not bool
         or type(is_read) is not bool
         or type(origin) is not str
-        or (missed_at is not None and type(missed_at) is not int)
+        or ((missed_at := data.get("missed_at")) is not None and type(missed_at) is not int)
         or type(account_id) is not int
-        or (status is not None and type(status) is not str)
-        or (source_id is not None and type(source_id) is not int)
+        or ((status := data.get("status")) is not None and type(status) is not str)
+        or ((source_id := data.get("source_id")) is not None and type(source_id) is not int)
     ):
         raise _Unusual
-    embedded = _fast_embedded(data.get("_embedded"))
     return Talk(
         talk_id,
         _from_timestamp(created_at, UTC),
@@ -274,7 +278,7 @@ def _fast_talk(data: Any) -> Talk:
         is_read,
         origin,
         account_id,
-        embedded,
+        _fast_embedded(data.get("_embedded")),
         _fast_self_href(data),
         status,
         source_id,
@@ -310,3 +314,52 @@ def structure_talks(items: list[Any]) -> tuple[Talk, ...]:
     except (_Unusual, LookupError, TypeError, ValueError, OverflowError, OSError):
         pass
     return converter.structure(items, tuple[Talk, ...])
+
+
+# -- the talks list page (``GET /api/v4/talks``) -----------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+@attrs.frozen
+class TalksPage:
+    """The talks of one list page (``_embedded.talks``), decoded as :class:`Talk`."""
+
+    talks: tuple[Talk, ...]
+
+
+@attrs.frozen
+class TalksPageDocument:
+    """The part of a talks list page the converter decodes: its ``_embedded`` object."""
+
+    embedded: TalksPage
+
+
+def _structure_talk_list(value: Any, _: Any) -> tuple[Talk, ...]:
+    # Checked here: cattrs' tuple hook would iterate a string or a dict.
+    if type(value) is not list:
+        raise TypeError(f"expected an array, got {_type_name(value)}")
+    return structure_talks(value)
+
+
+def _structure_page_embedded(value: Any, _: Any) -> TalksPage:
+    if type(value) is not dict:
+        raise TypeError(f"expected an object, got {_type_name(value)}")
+    return _structure_page(value, TalksPage)
+
+
+_structure_page = make_dict_structure_fn(
+    TalksPage, converter, talks=override(struct_hook=_structure_talk_list)
+)
+converter.register_structure_hook(TalksPage, _structure_page)
+converter.register_structure_hook(
+    TalksPageDocument,
+    make_dict_structure_fn(
+        TalksPageDocument,
+        converter,
+        # The attribute is named `embedded` so that error paths read `_embedded.talks[3]...`.
+        embedded=override(rename="_embedded", struct_hook=_structure_page_embedded),
+    ),
+)

@@ -9,7 +9,7 @@ one into an exception.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -118,7 +118,7 @@ class ForbiddenError(APIError):
     @property
     def is_block(self) -> bool:
         """True if this 403 looks like Kommo's IP/account block (body not JSON)."""
-        return not self.problem
+        return is_block_problem(self.status, self.problem)
 
 
 class NotFoundError(APIError):
@@ -300,6 +300,11 @@ def _stand_in_class(original: type[BaseException]) -> type[RedactedError]:
         cls = type(name, bases, {"__module__": __name__, "__qualname__": name})
         _stand_in_classes[original] = cls
     return cls
+
+
+def is_block_problem(status: int, problem: Mapping[str, Any]) -> bool:
+    """The block rule: a 403 whose body is not a JSON object is Kommo's IP/account block."""
+    return status == 403 and not problem
 
 
 def redacted(exc: BaseException, secrets: Iterable[str] = ()) -> RedactedError:

@@ -2,30 +2,30 @@
 
 Kommo's lists are HAL documents: the items under ``_embedded.talks``, the
 continuation under ``_links.next.href``, and ``204 No Content`` for an empty
-list. Each page goes through :meth:`KommoClient._send <kommo_talks.KommoClient>`
+list. Each page goes through :class:`~kommo_talks._pipeline.Pipeline`
 (retries, rate limit, auth and server pauses) and its talks are decoded by
 the shared strict converter; only the page's envelope is modelled here.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Set
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
+from typing import Any, Final, TypeVar
 
-import attrs
 import cattrs
-from cattrs.gen import make_dict_structure_fn, override
 from yarl import URL
 
-from .converter import converter, describe_validation_error, structure_talks
+from ._calls import check_params, resolve
+from ._pipeline import Pipeline, decode_json
+from .converter import TalksPage, TalksPageDocument, converter, describe_validation_error
 from .errors import DecodeError
 from .models import Talk
+from .sansio import Answer as Response
 from .urls import same_origin
 
-if TYPE_CHECKING:
-    from .client import KommoClient, Response
+__all__ = ["MAX_PAGE_SIZE", "TalksPage", "encode_filter", "iter_talks", "pages", "paginate"]
 
-__all__ = ["MAX_PAGE_SIZE", "TalksPage", "encode_filter", "iter_talks"]
+T = TypeVar("T")
 
 MAX_PAGE_SIZE: Final = 250
 """Kommo's maximum ``limit`` per page."""
@@ -34,50 +34,8 @@ _LIST_PATH: Final = "/api/v4/talks"
 _MAX_TEXT: Final = 400  # a page of 250 bad talks would otherwise make a huge message
 
 
-@attrs.frozen
-class TalksPage:
-    """The talks of one list page (``_embedded.talks``), decoded as :class:`Talk`."""
-
-    talks: tuple[Talk, ...]
-
-
-@attrs.frozen
-class _PageDocument:
-    """The part of a list page the converter decodes: its ``_embedded`` object."""
-
-    embedded: TalksPage
-
-
 def _describe(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def _structure_talk_list(value: Any, _: Any) -> tuple[Talk, ...]:
-    # Checked here: cattrs' tuple hook would iterate a string or a dict.
-    if type(value) is not list:
-        raise TypeError(f"expected an array, got {_describe(value)}")
-    return structure_talks(value)
-
-
-def _structure_embedded(value: Any, _: Any) -> TalksPage:
-    if type(value) is not dict:
-        raise TypeError(f"expected an object, got {_describe(value)}")
-    return _structure_page(value, TalksPage)
-
-
-_structure_page = make_dict_structure_fn(
-    TalksPage, converter, talks=override(struct_hook=_structure_talk_list)
-)
-converter.register_structure_hook(TalksPage, _structure_page)
-converter.register_structure_hook(
-    _PageDocument,
-    make_dict_structure_fn(
-        _PageDocument,
-        converter,
-        # The attribute is named `embedded` so that error paths read `_embedded.talks[3]...`.
-        embedded=override(rename="_embedded", struct_hook=_structure_embedded),
-    ),
-)
 
 
 def encode_filter(filter: Mapping[str, Any] | None) -> list[tuple[str, str]]:
@@ -143,7 +101,7 @@ def check_page_size(page_size: object) -> int:
 
 
 def iter_talks(
-    client: KommoClient,
+    client: Pipeline,
     *,
     filter: Mapping[str, Any] | None = None,
     page_size: int = MAX_PAGE_SIZE,
@@ -171,23 +129,52 @@ def iter_talks(
     """
     limit = check_page_size(page_size)
     query = [("page", "1"), ("limit", str(limit)), *encode_filter(filter)]
-    first = client._base.with_path(_LIST_PATH).with_query(query)
-    return _pages(client, first)
+    first = client.base.with_path(_LIST_PATH).with_query(query)
+    return pages(client, first, _decode_page)
 
 
-async def _pages(client: KommoClient, url: URL) -> AsyncGenerator[Talk, None]:
+def paginate(
+    pipeline: Pipeline, path: str, *, params: Mapping[str, Any] | None, embedded: str
+) -> AsyncGenerator[Any, None]:
+    """The items of ``_embedded[embedded]``, page after page (see :meth:`KommoClient.paginate`).
+
+    Raises:
+        ValueError: a bad ``path``, ``params`` or ``embedded`` (before any request).
+    """
+    if not isinstance(embedded, str) or not embedded:
+        raise ValueError(f"embedded must be a non-empty string such as 'leads', got {embedded!r}")
+    url = resolve(pipeline, path)
+    pairs = check_params(params)
+    if pairs:
+        url = url.extend_query(pairs)
+
+    def decode(pipeline: Pipeline, answer: Response) -> tuple[list[Any], str | None]:
+        return _embedded_items(pipeline, answer, embedded)
+
+    return pages(pipeline, url, decode)
+
+
+PageDecoder = Callable[[Pipeline, Response], tuple[Sequence[T], str | None]]
+
+
+async def pages(pipeline: Pipeline, url: URL, decode: PageDecoder[T]) -> AsyncGenerator[T, None]:
+    """The items of a HAL list, one page at a time, following ``_links.next``.
+
+    A 204, a page without items or without a next link ends it. A next link
+    to another origin or to a page already fetched raises :class:`DecodeError`.
+    """
     fetched = {url}
-    base = client._base
+    base = pipeline.base
     while True:
-        response = await client._send("GET", str(url))
+        response = await pipeline.send("GET", str(url))
         if response.status == 204:
             return
-        talks, next_href = _decode_page(client, response)
+        items, next_href = decode(pipeline, response)
         status = response.status
-        del response  # hold one page's talks while the caller works, not its body
-        for talk in talks:
-            yield talk
-        if next_href is None or not talks:
+        del response  # hold one page's items while the caller works, not its body
+        for item in items:
+            yield item
+        if next_href is None or not items:
             return
         # Checked when it is to be followed, so that a caller who stops within
         # the page never meets it.
@@ -203,14 +190,35 @@ async def _pages(client: KommoClient, url: URL) -> AsyncGenerator[Talk, None]:
         url = next_url
 
 
-def _decode_page(client: KommoClient, response: Response) -> tuple[tuple[Talk, ...], str | None]:
+def _embedded_items(
+    pipeline: Pipeline, response: Response, key: str
+) -> tuple[list[Any], str | None]:
+    data = decode_json(response)
+    if type(data) is not dict:
+        raise _page_error(response, f"a JSON {type(data).__name__}, expected an object", None)
+    next_href = _next_href(response, data.get("_links"))
+    embedded = data.get("_embedded")
+    if embedded is None:
+        return [], next_href
+    if type(embedded) is not dict:
+        raise _page_error(response, f"expected an object, got {_describe(embedded)}", "_embedded")
+    items = embedded.get(key)
+    if items is None:
+        return [], next_href
+    if type(items) is not list:
+        text = f"expected an array, got {_describe(items)}"
+        raise _page_error(response, text, f"_embedded.{key}")
+    return items, next_href
+
+
+def _decode_page(client: Pipeline, response: Response) -> tuple[tuple[Talk, ...], str | None]:
     """The talks of a page and its next link's href (``None`` when there is none)."""
-    data = client.parse_json(response)
+    data = decode_json(response)
     if type(data) is not dict:
         raise _page_error(response, f"a JSON {type(data).__name__}, expected an object", None)
     next_href = _next_href(response, data.get("_links"))
     try:
-        document = converter.structure(data, _PageDocument)
+        document = converter.structure(data, TalksPageDocument)
     except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
         text, path = describe_validation_error(exc)
         if len(text) > _MAX_TEXT:
@@ -268,7 +276,7 @@ def _page_error(response: Response, text: str, path: str | None) -> DecodeError:
     where = f"{path}: {text}" if path and not text.startswith(path) else text
     return DecodeError(
         f"{response.method} {response.url} returned {response.status} with a body that does "
-        f"not fit a talks page: {where}",
+        f"not fit a list page: {where}",
         status=response.status,
         path=path,
     )

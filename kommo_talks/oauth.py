@@ -29,7 +29,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
+from ._loops import LoopLock
+from ._pipeline import token_pipeline
 from .errors import ClientClosedError, TokenRefreshError
+from .stores import LockingTokenStore, TokenStore
 from .tokens import TokenSet
 
 if TYPE_CHECKING:
@@ -37,7 +40,6 @@ if TYPE_CHECKING:
 
     from .auth import TokenEndpoint
     from .retry import RetryPolicy
-    from .stores import TokenStore
 
 __all__ = ["REFRESH_MARGIN", "OAuth2", "Plan", "Step", "is_stale", "plan_refresh"]
 
@@ -140,35 +142,26 @@ def plan_refresh(
 # Keyed by identity, not by hash: a store need not be hashable (a dataclass is
 # not), and two equal store objects are still two stores. An entry goes when
 # its store is garbage collected.
-_store_locks: dict[int, tuple[weakref.ref[Any], asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+_store_locks: dict[int, tuple[weakref.ref[Any], LoopLock]] = {}
 
 
-def _in_process_lock(store: object, fallback: dict[str, Any]) -> asyncio.Lock:
-    loop = asyncio.get_running_loop()
+def _in_process_lock(store: object, fallback: LoopLock) -> asyncio.Lock:
     key = id(store)
     entry = _store_locks.get(key)
+    if entry is None or entry[0]() is not store:
+        try:
+            ref = weakref.ref(store, lambda _, key=key: _store_locks.pop(key, None))  # type: ignore[misc]
+        except TypeError:  # a store that cannot be weakly referenced: one lock per OAuth2
+            return fallback.get()
+        entry = _store_locks[key] = (ref, LoopLock())
     # A lock is bound to the loop it waited in; a store may outlive an asyncio.run().
-    if entry is not None and entry[0]() is store and entry[1] is loop:
-        return entry[2]
-    try:
-        ref = weakref.ref(store, lambda _, key=key: _store_locks.pop(key, None))  # type: ignore[misc]
-    except TypeError:  # a store that cannot be weakly referenced: one lock per OAuth2
-        kept = fallback.get("entry")
-        if kept is None or kept[0] is not loop:
-            kept = fallback["entry"] = (loop, asyncio.Lock())
-        lock: asyncio.Lock = kept[1]
-        return lock
-    lock = asyncio.Lock()
-    _store_locks[key] = (ref, loop, lock)
-    return lock
+    return entry[1].get()
 
 
-def _refresh_lock(store: object, fallback: dict[str, Any]) -> AbstractAsyncContextManager[Any]:
+def _refresh_lock(store: object, fallback: LoopLock) -> AbstractAsyncContextManager[Any]:
     """The store's ``refresh_lock()`` if it has one, else the in-process lock of the store."""
-    factory = getattr(store, "refresh_lock", None)
-    if callable(factory):
-        lock: AbstractAsyncContextManager[Any] = factory()
-        return lock
+    if isinstance(store, LockingTokenStore):
+        return store.refresh_lock()
     return _in_process_lock(store, fallback)
 
 
@@ -195,18 +188,32 @@ def _check_store(store: object) -> None:
             )
 
 
+async def _save_first_pair(store: TokenStore, tokens: TokenSet) -> None:
+    async with _refresh_lock(store, LoopLock()):
+        await store.save(tokens)
+    logger.info(
+        "OAuth2: authorization code exchanged; tokens saved to the %s "
+        "(access token valid until %s)",
+        type(store).__name__,
+        tokens.expires_at.isoformat(),
+    )
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class _NoAuth:
-    """The auth of the temporary client of :meth:`OAuth2.exchange_code`: never asked."""
-
-    async def access_token(self, endpoint: TokenEndpoint) -> str:
-        raise RuntimeError("exchange_code sends no API request")  # pragma: no cover
-
-    async def handle_unauthorized(self, endpoint: TokenEndpoint, rejected_token: str) -> bool:
-        return False  # pragma: no cover
+def _code_payload(
+    code: str, client_id: str, client_secret: str, redirect_uri: str
+) -> dict[str, str]:
+    """The ``authorization_code`` grant's payload (raises ValueError for an empty argument)."""
+    return {
+        "client_id": _check_text("client_id", client_id),
+        "client_secret": _check_text("client_secret", client_secret),
+        "grant_type": "authorization_code",
+        "code": _check_text("code", code),
+        "redirect_uri": _check_text("redirect_uri", redirect_uri),
+    }
 
 
 # -- OAuth2 ----------------------------------------------------------------------
@@ -279,7 +286,7 @@ class OAuth2:
         self._flight_endpoint: TokenEndpoint | None = None  # the client the refresh runs on
         # A refresh token Kommo refused (400/401), and its error: not sent again.
         self._refused: tuple[str, TokenRefreshError] | None = None
-        self._fallback_lock: dict[str, Any] = {}
+        self._fallback_lock = LoopLock()
 
     def __repr__(self) -> str:
         return (
@@ -350,8 +357,8 @@ class OAuth2:
         """Exchange an authorization code for the first pair, save it to ``store``, return it.
 
         Performs the ``authorization_code`` grant on ``{base_url}/oauth2/access_token``
-        through a temporary :class:`~kommo_talks.KommoClient` (same base URL
-        rules, ``User-Agent``, retries and 30 s timeout; it is closed afterwards).
+        through a temporary request pipeline (a client's base URL rules,
+        ``User-Agent``, retries, rate limit and 30 s timeout; closed afterwards).
         The save replaces whatever the store holds, a corrupt file or a
         revoked pair included: this is how a locked-out integration recovers.
         A code is valid for 20 minutes and only once.
@@ -372,32 +379,16 @@ class OAuth2:
                 "Authorization code has expired") or the endpoint kept failing.
             TokenStoreError: the pair could not be saved.
         """
-        from .client import KommoClient  # the client sits above auth in the import order
-
-        code = _check_text("code", code)
-        client_id = _check_text("client_id", client_id)
-        client_secret = _check_text("client_secret", client_secret)
-        redirect_uri = _check_text("redirect_uri", redirect_uri)
+        payload = _code_payload(code, client_id, client_secret, redirect_uri)
         _check_store(store)
-        payload = {
-            "client_id": client_id,
-            "client_secret": client_secret,
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-        }
-        async with KommoClient(base_url, auth=_NoAuth(), session=session, retry=retry) as client:
+        pipeline = token_pipeline(base_url, session=session, retry=retry)
+        try:
             sent_at = _utcnow()
-            body = await client.request_tokens(payload)
+            body = await pipeline.request_tokens(payload)
+        finally:
+            await pipeline.close()
         tokens = TokenSet.from_token_response(body, now=sent_at, status=200)
-        async with _refresh_lock(store, {}):
-            await store.save(tokens)
-        logger.info(
-            "OAuth2: authorization code exchanged; tokens saved to the %s "
-            "(access token valid until %s)",
-            type(store).__name__,
-            tokens.expires_at.isoformat(),
-        )
+        await _save_first_pair(store, tokens)
         return tokens
 
     # -- the refresh ----------------------------------------------------------------
@@ -418,7 +409,7 @@ class OAuth2:
                 # That refresh ran on another client, closed before it sent
                 # anything (a client waits for a refresh on the wire before it
                 # closes): this caller's own client, if open, flies (or joins) anew.
-                if flown_by is endpoint or getattr(endpoint, "closed", False):
+                if flown_by is endpoint or endpoint.closed:
                     raise
 
     def _start_flight(self, endpoint: TokenEndpoint) -> asyncio.Future[None]:
@@ -427,7 +418,7 @@ class OAuth2:
         flight.add_done_callback(_retrieve)
         return flight
 
-    async def _settle(self) -> None:
+    async def aclose(self) -> None:
         """Wait until a refresh in flight has ended (and saved its pair), whatever its outcome.
 
         :meth:`KommoClient.close` calls it, so that closing a client never cuts

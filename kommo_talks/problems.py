@@ -23,6 +23,7 @@ from .errors import (
     ServerError,
     TalkAlreadyClosedError,
     UnauthorizedError,
+    is_block_problem,
 )
 from .errors import REDACTED as _REDACTED_TEXT
 
@@ -32,6 +33,7 @@ __all__ = [
     "KEPT_MEMBERS",
     "error_class",
     "is_block",
+    "is_block_problem",
     "make_api_error",
     "parse_problem",
     "redact",
@@ -126,9 +128,10 @@ def make_api_error(
     request_id: str | None,
     closing: bool = False,
     retry_after: float | None = None,
+    parsed: tuple[dict[str, Any], str | None] | None = None,
 ) -> APIError:
-    """Build the exception for a non-success answer."""
-    problem, text = parse_problem(content_type, body)
+    """Build the exception for a non-success answer (``parsed``: its :func:`parse_problem`)."""
+    problem, text = parsed if parsed is not None else parse_problem(content_type, body)
     cls = error_class(status, closing=closing)
     fields: dict[str, Any] = {
         "title": _str_or_none(problem.get("title")),
@@ -148,8 +151,7 @@ def is_block(status: int, content_type: str | None, body: bytes) -> bool:
     """Is this answer Kommo's IP/account block: a 403 whose body is not a JSON object?"""
     if status != 403:
         return False
-    problem, _ = parse_problem(content_type, body)
-    return not problem
+    return is_block_problem(status, parse_problem(content_type, body)[0])
 
 
 REDACTED = _REDACTED_TEXT.encode()

@@ -25,7 +25,7 @@ from .tokens import TokenSet
 if TYPE_CHECKING:
     import filelock
 
-__all__ = ["FileTokenStore", "MemoryTokenStore", "TokenStore"]
+__all__ = ["FileTokenStore", "LockingTokenStore", "MemoryTokenStore", "TokenStore"]
 
 # Seconds between two tries of a file lock that another process holds.
 # Refreshes are rare (once a day per account), so 50 ms of latency costs nothing.
@@ -43,13 +43,8 @@ _DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUP
 class TokenStore(Protocol):
     """Where ``OAuth2`` loads and saves its :class:`~kommo_talks.TokenSet`.
 
-    A store may also offer a cross-process lock, which is not part of the
-    protocol (``OAuth2`` looks it up with ``getattr(store, "refresh_lock",
-    None)``)::
-
-        def refresh_lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
-
-    It returns an async context manager that gives mutual exclusion to every
+    A store may also offer a cross-process lock: see :class:`LockingTokenStore`.
+    Its ``refresh_lock()`` returns an async context manager that gives mutual exclusion to every
     holder, in this process and in others that share the store (a file lock
     for :class:`FileTokenStore`, a Redis lock for ``RedisTokenStore``).
     ``OAuth2`` holds it across "load, refresh, save": whoever holds it
@@ -112,6 +107,15 @@ def _json_document(data: bytes | str) -> tuple[Any, str]:
         return None, "not a token record (JSON nested too deeply)"
     except ValueError:  # an integer of over 4,300 digits
         return None, "not a token record (a number too long to read)"
+
+
+@runtime_checkable
+class LockingTokenStore(TokenStore, Protocol):
+    """A :class:`TokenStore` with a cross-process ``refresh_lock()`` (see :class:`TokenStore`)."""
+
+    def refresh_lock(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """An async context manager giving mutual exclusion to every holder of the store."""
+        ...
 
 
 class MemoryTokenStore:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio
 from redis_server import RedisServer, running_redis_server
+from retry_support import POLICY, MakeClient
 
 from kommo_talks import KommoClient, LongLivedToken, RetryPolicy
 from kommo_talks.testing import FakeKommo
@@ -79,3 +81,30 @@ async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
     async with asyncio.timeout(limit):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.001)
+
+
+# -- clients of the retry tests (tests/test_retries_*.py) ----------------------------
+
+
+@pytest.fixture
+async def make_client(fake: FakeKommo, fake_clock: FakeClock) -> AsyncIterator[MakeClient]:
+    """Build clients of ``fake`` on the fake clock, without a rate limit; all closed at the end."""
+    clients: list[KommoClient] = []
+
+    def make(**kwargs: Any) -> KommoClient:
+        kwargs.setdefault("retry", POLICY)
+        kwargs.setdefault("rate_limit", None)
+        auth = kwargs.pop("auth", None) or LongLivedToken(fake.token)
+        client = KommoClient(fake.url, auth, sleep=fake_clock.sleep, clock=fake_clock.now, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+def kommo(make_client: MakeClient) -> KommoClient:
+    """A client with the default test policy (5 attempts, 0.5 s base, 10 s max delay)."""
+    return make_client()

@@ -211,7 +211,8 @@ async def test_every_client_borrows_the_one_shared_session(
     await first.get_talk(1)
     await second.get_talk(1)
 
-    assert first._session is second._session is accounts.session
+    assert first._pipeline._session.current() is second._pipeline._session.current()
+    assert first._pipeline._session.current() is accounts.session
 
 
 async def test_a_client_built_again_shares_the_refresh_of_one_still_in_use(
@@ -287,7 +288,7 @@ async def test_a_number_gives_each_account_its_own_sliding_window(one: FakeKommo
     async with make_accounts(rate_limit=7, global_rate_limit=20) as accounts:
         await install(accounts, one)
         client = await accounts.client(101)
-        limiter = client._limiter
+        limiter = client._pipeline._limiter
         assert isinstance(limiter, ChainedRateLimiter)
         assert [lim.rate for lim in limiter.limiters] == [20.0, 7.0]  # type: ignore[attr-defined]
 

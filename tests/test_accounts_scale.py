@@ -62,7 +62,7 @@ async def test_ten_thousand_events_each_reach_their_account_with_its_token() -> 
         async def handle(account_id: int) -> None:
             client = await accounts.client_for(event(account_id))
             assert accounts.live_clients <= MAX_CLIENTS
-            sessions.add(id(client._session))
+            sessions.add(id(client._pipeline._session.current()))
             talk = await client.get_talk(account_id)
             assert talk.talk_id == account_id
 

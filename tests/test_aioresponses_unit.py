@@ -282,7 +282,7 @@ async def test_a_certificate_failure_at_the_token_endpoint_is_a_token_refresh_er
     mocked.post(url, exception=failure, repeat=True)
 
     with pytest.raises(TokenRefreshError) as caught:
-        await client.request_tokens({"grant_type": "refresh_token", "refresh_token": "r"})
+        await client._pipeline.request_tokens({"grant_type": "refresh_token", "refresh_token": "r"})
 
     assert type(caught.value.__cause__).__name__ == "ClientConnectorCertificateError"
     assert "certificate verify failed" in str(caught.value.__cause__)

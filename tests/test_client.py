@@ -35,7 +35,7 @@ from kommo_talks import (
 )
 from kommo_talks.testing import FakeKommo, Fault
 
-BAD_TALK_IDS = [0, -1, True, False, 1.0, "1", None, 2**0.5]
+BAD_TALK_IDS = [0, -1, True, False, 1.0, "1", None, 2**0.5, 2**63]
 
 
 # -- operations -----------------------------------------------------------------
@@ -248,7 +248,7 @@ async def test_a_token_endpoint_error_echoing_the_secrets_does_not_leak_them() -
     payload = {"client_id": "c1", "grant_type": "refresh_token", "redirect_uri": "https://x/cb"}
     async with echo_server() as url, KommoClient(url, LongLivedToken("t")) as client:
         with pytest.raises(TokenRefreshError) as caught:
-            await client.request_tokens({**payload, **secrets})
+            await client._pipeline.request_tokens({**payload, **secrets})
 
     text = f"{caught.value} {caught.value!r} {caught.value.hint}"
     assert caught.value.status == 400

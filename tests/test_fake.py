@@ -49,12 +49,13 @@ async def test_a_default_talk_is_the_documented_example_with_its_own_id() -> Non
 def test_faults_can_be_scripted_only_for_routes_the_fake_serves() -> None:
     fake = FakeKommo()
 
-    with pytest.raises(ValueError, match=r"'leads'.*\['close', 'get', 'list', 'token'\]"):
-        fake.script("leads", 503)
-    with pytest.raises(ValueError, match="'leads'"):
-        fake.random_faults(0.5, routes=("get", "leads"))
+    with pytest.raises(ValueError, match=r"'contacts'.*\['account', 'close', 'get', 'lead_update'"):
+        fake.script("contacts", 503)
+    with pytest.raises(ValueError, match="'contacts'"):
+        fake.random_faults(0.5, routes=("get", "contacts"))
     fake.script("token", 503)
-    assert fake.faults.pending("token") == 1
+    fake.script("leads", 503)
+    assert fake.faults.pending("token") == fake.faults.pending("leads") == 1
 
 
 async def test_a_scripted_fault_answers_before_the_token_is_checked() -> None:

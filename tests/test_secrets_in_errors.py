@@ -195,7 +195,7 @@ async def test_a_failed_code_exchange_leaves_no_secret(answer: Answer | None) ->
         ) as client,
     ):
         with pytest.raises(KommoError) as caught:
-            await client.request_tokens(payload)
+            await client._pipeline.request_tokens(payload)
 
     assert_no_secret(caught.value, SECRETS)
 

@@ -15,6 +15,7 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from ._crm import FakeCRM
 from ._faults import Fault, FaultPlan
 from ._gate import Gate
 from ._listing import TalkList
@@ -52,6 +53,7 @@ class FakeKommo:
         record: keep every request in :attr:`requests` (turn off for long
             benchmarks).
         strict_rotation: see :class:`~kommo_talks.testing.FakeOAuth`.
+        account_id, subdomain: the account ``GET /api/v4/account`` describes.
 
     Fault injection: :meth:`script` and :meth:`random_faults`. Permissions:
     :meth:`deny`, :meth:`block`. Counters: :attr:`stats`. Webhooks:
@@ -71,6 +73,8 @@ class FakeKommo:
         nps_bot: bool = False,
         record: bool = True,
         strict_rotation: bool = False,
+        account_id: int = 17029541,
+        subdomain: str = "example",
     ) -> None:
         if rate_limit is not None and rate_limit <= 0:
             raise ValueError("rate_limit must be positive or None")
@@ -94,10 +98,15 @@ class FakeKommo:
         """IDs of talks whose close launched the NPS bot instead of closing."""
         # Every endpoint comes from one of these parts (each has routes());
         # a module that serves more of Kommo adds its part here.
+        self.crm = FakeCRM(
+            account_id=account_id, subdomain=subdomain, leads=[example_talk(1)["entity_id"]]
+        )
+        """The account and its leads (``GET /api/v4/account``, ``/api/v4/leads``)."""
         self._endpoints: tuple[RouteSource, ...] = (
             self._talks,
             TalkList(self, self._talks),
             TokenEndpoint(self.oauth),
+            self.crm,
         )
         self.faults = FaultPlan(r.name for part in self._endpoints for r in part.routes())
         self._gate = Gate(self)

@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-import orjson
-from aiohttp import web
-
 from ._fake import FakeKommo
-from ._faults import FaultPlan
-from ._wire import Route
 
 __all__ = ["FakeKommoAccount", "disconnect_query", "signed_disconnect_url"]
 
@@ -38,13 +32,11 @@ class FakeKommoAccount(FakeKommo):
     """
 
     def __init__(self, *, account_id: int = 17029541, subdomain: str = "example", **options: Any):
-        super().__init__(**options)
+        super().__init__(account_id=account_id, subdomain=subdomain, **options)
         self.account_id = account_id
         self.subdomain = subdomain
         for talk in self.talks.values():
             talk["account_id"] = account_id  # its webhooks name this account
-        self._endpoints = (*self._endpoints, _AccountEndpoint(self))
-        self.faults = FaultPlan(r.name for part in self._endpoints for r in part.routes())
 
     def add_talk(self, talk_id: int, **fields: Any) -> dict[str, Any]:
         """As :meth:`FakeKommo.add_talk`; the talk is in this account unless ``fields`` say not."""
@@ -87,28 +79,6 @@ class FakeKommoAccount(FakeKommo):
         if from_widget:
             query["from_widget"] = "1"
         return query
-
-
-class _AccountEndpoint:
-    """``GET /api/v4/account`` of a :class:`FakeKommoAccount`."""
-
-    def __init__(self, fake: FakeKommoAccount) -> None:
-        self._fake = fake
-
-    def routes(self) -> Iterable[Route]:
-        yield Route("GET", "/api/v4/account", "account", self._account)
-
-    async def _account(self, request: web.Request) -> web.StreamResponse:
-        fake = self._fake
-        body = {
-            "id": fake.account_id,
-            "name": f"Account {fake.subdomain}",
-            "subdomain": fake.subdomain,
-            "country": "US",
-            "currency": "USD",
-            "_links": {"self": {"href": f"{fake.url}/api/v4/account"}},
-        }
-        return web.Response(body=orjson.dumps(body), content_type="application/hal+json")
 
 
 def disconnect_query(client_id: str, client_secret: str, account_id: int) -> dict[str, str]:
