@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
@@ -22,6 +23,7 @@ import orjson
 from yarl import URL
 
 from ._session import SessionHolder
+from ._tracing import CallSpan, OtelTracer, traced
 from ._version import __version__
 from .auth import Auth, LongLivedToken
 from .converter import converter, describe_validation_error, structure_talk
@@ -31,6 +33,7 @@ from .pause import ServerPause
 from .ratelimit import RateLimiter, SlidingWindowRateLimiter
 from .retry import RetryPolicy, backoff_delay, is_retryable_exception
 from .sansio import SUCCEED, Action, Answer, Kind, Step, Tally, WireFailure, decide
+from .stats import CONNECTION, TIMEOUT, Counters, RetryCause
 from .urls import normalize_base_url
 
 __all__ = [
@@ -109,8 +112,12 @@ class Pipeline:
         sleep: Callable[[float], Awaitable[object]],
         clock: Callable[[], float],
         rng: random.Random,
+        trace_configs: list[aiohttp.TraceConfig] | None = None,
+        tracer: OtelTracer | None = None,
     ) -> None:
         self.base = base
+        self.counts = Counters()
+        self._tracer = tracer
         self.base_url = str(base)
         self.auth = auth
         self._static_token = auth.token if isinstance(auth, LongLivedToken) else None
@@ -123,7 +130,11 @@ class Pipeline:
         self._rng = rng
         self._pause = ServerPause(clock)
         self._session = SessionHolder(
-            session, max_connections=max_connections, timeout=timeout, limiter=limiter
+            session,
+            max_connections=max_connections,
+            timeout=timeout,
+            limiter=limiter,
+            trace_configs=trace_configs,
         )
         self._token_url = f"{self.base_url}{TOKEN_PATH}"
         self.talks_url = f"{self.base_url}/api/v4/talks/"
@@ -167,6 +178,7 @@ class Pipeline:
         """Send a request under the retry policy; return the answer :func:`decide` accepts.
 
         ``headers`` are added to the SDK's (``Authorization`` cannot be replaced).
+        With tracing on, the call is one span (see :mod:`kommo_talks._tracing`).
         """
         # A closed client fails before anything, a token refresh too. The loop
         # check is inline: a coroutine per request costs more than the check.
@@ -175,31 +187,51 @@ class Pipeline:
             holder.current()
         else:  # first use, or a new event loop
             await holder.ready()
+        span = None if self._tracer is None else self._tracer.start(method, url)
         tally = _FIRST
-        while True:
-            if gate is not None:
-                gate.before_waits()
-            self._refuse_during_long_pause(method, url)
-            # A long-lived token needs no await, and with no limiter and no pause
-            # there is nothing to wait for: the common path skips two coroutines.
-            token = self._static_token or await self.auth.access_token(self)  # type: ignore[union-attr]
-            sent = self._headers_for(token, post=body is not None)
-            if headers:
-                sent = {**headers, **sent}
-            outcome = await self._exchange(
-                method, url, body, sent, params, gate, (token,), tally.attempt
-            )
-            step = decide(tally, outcome, self.retry, kind)
-            if step is SUCCEED:
-                return outcome  # type: ignore[return-value]
-            tally = await self._carry_out(step, method, url, token)
+        try:
+            while True:
+                if gate is not None:
+                    gate.before_waits()
+                self._refuse_during_long_pause(method, url)
+                # A long-lived token needs no await, and with no limiter and no pause
+                # there is nothing to wait for: the common path skips two coroutines.
+                token = self._static_token or await self.auth.access_token(self)  # type: ignore[union-attr]
+                sent = self._headers_for(token, post=body is not None)
+                if headers:
+                    sent = {**headers, **sent}
+                outcome = await self._exchange(
+                    method, url, body, sent, params, gate, (token,), tally.attempt
+                )
+                step = decide(tally, outcome, self.retry, kind)
+                if span is not None:
+                    _note_attempt(span, tally.attempt, outcome, step is SUCCEED)
+                if step is SUCCEED:
+                    return outcome  # type: ignore[return-value]
+                tally = await self._carry_out(step, method, url, token, outcome, span)
+        except BaseException as exc:
+            if span is not None:
+                span.finish(exc)
+            raise
 
-    async def _carry_out(self, step: Step, method: str, url: str, token: str | None) -> Tally:
-        """Do what a step other than SUCCEED asks; return the next attempt's tally."""
+    async def _carry_out(
+        self,
+        step: Step,
+        method: str,
+        url: str,
+        token: str | None,
+        outcome: Answer | WireFailure,
+        span: CallSpan | None,
+    ) -> Tally:
+        """Do what a step other than SUCCEED asks; return the next attempt's tally.
+
+        A retry is counted (and noted on the call's span) once it is certain.
+        """
         if step.pause is not None and step.pause_error is not None:
-            self._pause.extend(step.pause, step.pause_error)
+            self.counts.on_pause(self._pause.extend(step.pause, step.pause_error))
         action = step.action
         if action is Action.BACK_OFF:
+            _retried(self.counts, outcome, span)
             await self._sleep(backoff_delay(self.retry, step.tally.attempt - 1, self._rng))
         elif action is Action.REFRESH:
             assert step.error is not None
@@ -208,11 +240,13 @@ class Pipeline:
             self._refuse_during_long_pause(method, url)
             if not (await self.auth.handle_unauthorized(self, token) and step.retry):
                 raise step.error
+            _retried(self.counts, outcome, span)
         elif action is Action.GIVE_UP:
             assert step.error is not None
             raise step.error
         else:  # the gates wait the pause out; a success is always the SUCCEED value
             assert action is Action.WAIT_PAUSE, action
+            _retried(self.counts, outcome, span)
         return step.tally
 
     async def request_tokens(self, payload: Mapping[str, str]) -> dict[str, Any]:
@@ -225,6 +259,15 @@ class Pipeline:
             TokenRefreshError: the endpoint refused (400/401, carrying the
                 problem's ``hint``), answered otherwise, or kept failing.
         """
+        tracer, run = self._tracer, partial(self._tokens, payload)
+        answer = await (
+            run(None) if tracer is None else traced(tracer, "POST", self._token_url, run)
+        )
+        self.counts.on_refresh()
+        return answer
+
+    async def _tokens(self, payload: Mapping[str, str], span: CallSpan | None) -> dict[str, Any]:
+        """The retry loop of :meth:`request_tokens`."""
         await self.ready()
         method, url = "POST", self._token_url
         data = orjson.dumps(dict(payload))
@@ -235,10 +278,12 @@ class Pipeline:
                 method, url, data, _TOKEN_HEADERS, None, None, secrets, tally.attempt
             )
             step = decide(tally, outcome, self.retry, Kind.TOKEN)
+            if span is not None:
+                _note_attempt(span, tally.attempt, outcome, step is SUCCEED)
             if step is SUCCEED:
                 assert isinstance(outcome, Answer)
                 return json_object(outcome)
-            tally = await self._carry_out(step, method, url, None)
+            tally = await self._carry_out(step, method, url, None, outcome, span)
 
     def _refuse_during_long_pause(self, method: str, url: str) -> None:
         """Raise if a server-given pause lasts longer than ``max_delay``: send nothing."""
@@ -257,10 +302,7 @@ class Pipeline:
         secrets: Iterable[str],
         attempt: int,
     ) -> Answer | WireFailure:
-        """One attempt on the wire: pass the gates, then send, holding a connection permit.
-
-        What the gates raise (a long pause, a closed client, a stopped batch) propagates.
-        """
+        """One attempt: pass the gates, send holding a connection permit (gate errors propagate)."""
         slots = self._session.slots
         if slots is not None:
             await slots.acquire()
@@ -269,9 +311,10 @@ class Pipeline:
                 await self._pass_gates(method, url)
             if gate is not None:
                 gate.before_send()
-            # Taken after every wait: a client closed meanwhile sends nothing.
-            session = self._session.current()
+            session = self._session.current()  # after the waits: a closed client sends nothing
             started = self._clock()
+            self.counts.on_send(method)
+            answer: Answer | None = None
             try:
                 async with session.request(
                     method,
@@ -290,55 +333,14 @@ class Pipeline:
                         read, whole = await _read_capped(raw, limit)
                     answer = Answer(raw.status, raw.headers, read, method, url, whole)
             except Exception as exc:
-                return self._triage(exc, method, url, started, secrets, attempt)
+                closed = self._session.closed
+                return _triage(exc, method, url, closed, self._clock, started, secrets, attempt)
+            finally:
+                self.counts.on_done(None if answer is None else answer.status)
         finally:
             if slots is not None:
                 slots.release()
-        return self._received(answer, started, secrets, attempt)
-
-    def _received(
-        self, answer: Answer, started: float, secrets: Iterable[str], attempt: int
-    ) -> Answer:
-        """Log an answer; redact a failed one's body. A cut 2xx raises :class:`DecodeError`."""
-        status = answer.status
-        if not answer.whole and 200 <= status < 300:
-            raise DecodeError(
-                f"{answer.method} {answer.url} returned {status} with a body larger than "
-                f"max_response_bytes ({self.max_response_bytes} bytes); "
-                "it was not read further",
-                status=status,
-            )
-        self._log(answer.method, answer.url, status, started, attempt)
-        if not 200 <= status < 300:
-            answer = answer.redacted(secrets)  # an echo must not leak a secret
-        return answer
-
-    def _triage(
-        self,
-        failure: Exception,
-        method: str,
-        url: str,
-        started: float,
-        secrets: Iterable[str],
-        attempt: int,
-    ) -> WireFailure:
-        """The facts of a request that failed on the wire (logged).
-
-        Raises:
-            ClientClosedError: the client was closed while the request was in flight.
-            Exception: ``failure`` itself when it is not a connection failure (a bug).
-        """
-        if self._session.closed:
-            raise ClientClosedError(
-                f"{method} {url}: the KommoClient was closed during the request"
-            ) from redacted(failure, secrets)
-        retryable = is_retryable_exception(failure)
-        if not retryable and not isinstance(failure, aiohttp.ClientError):
-            raise failure
-        self._log(method, url, type(failure).__name__, started, attempt)
-        connect = isinstance(failure, aiohttp.ClientConnectorError)
-        # aiohttp's exception may hold the request, Authorization included.
-        return WireFailure(method, url, redacted(failure, secrets), connect, retryable)
+        return _received(answer, self.max_response_bytes, self._clock, started, secrets, attempt)
 
     async def _pass_gates(self, method: str, url: str) -> None:
         """Wait out the client-wide server pause, then take a rate-limit slot.
@@ -357,7 +359,9 @@ class Pipeline:
                 remaining = pause.remaining()
             if limiter is None:
                 return
+            asked = self._clock()
             await limiter.acquire()
+            self.counts.on_limiter_wait(self._clock() - asked)
             if pause.remaining() <= 0:
                 return
 
@@ -374,16 +378,76 @@ class Pipeline:
             self._headers_token = token
         return self._post_headers if post else self._get_headers
 
-    def _log(self, method: str, url: str, status: int | str, started: float, attempt: int) -> None:
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s -> %s in %.1f ms (attempt %d)",
-                method,
-                URL(url).path,
-                status,
-                (self._clock() - started) * 1000,
-                attempt,
-            )
+
+def _triage(
+    failure: Exception,
+    method: str,
+    url: str,
+    closed: bool,
+    clock: Callable[[], float],
+    started: float,
+    secrets: Iterable[str],
+    attempt: int,
+) -> WireFailure:
+    """The facts of a request that failed on the wire (logged); ``closed``: the client was closed.
+
+    Raises:
+        ClientClosedError: the client was closed while the request was in flight.
+        Exception: ``failure`` itself when it is not a connection failure (a bug).
+    """
+    if closed:
+        raise ClientClosedError(
+            f"{method} {url}: the KommoClient was closed during the request"
+        ) from redacted(failure, secrets)
+    retryable = is_retryable_exception(failure)
+    if not retryable and not isinstance(failure, aiohttp.ClientError):
+        raise failure
+    _log(clock, method, url, type(failure).__name__, started, attempt)
+    connect = isinstance(failure, aiohttp.ClientConnectorError)
+    # aiohttp's exception may hold the request, Authorization included.
+    return WireFailure(method, url, redacted(failure, secrets), connect, retryable)
+
+
+def _received(
+    answer: Answer,
+    max_bytes: int,
+    clock: Callable[[], float],
+    started: float,
+    secrets: Iterable[str],
+    attempt: int,
+) -> Answer:
+    """Log an answer; redact a failed one's body. A cut 2xx raises :class:`DecodeError`."""
+    status = answer.status
+    if not answer.whole and 200 <= status < 300:
+        raise DecodeError(
+            f"{answer.method} {answer.url} returned {status} with a body larger than "
+            f"max_response_bytes ({max_bytes} bytes); it was not read further",
+            status=status,
+        )
+    _log(clock, answer.method, answer.url, status, started, attempt)
+    if not 200 <= status < 300:
+        answer = answer.redacted(secrets)  # an echo must not leak a secret
+    return answer
+
+
+def _log(
+    clock: Callable[[], float],
+    method: str,
+    url: str,
+    status: int | str,
+    started: float,
+    attempt: int,
+) -> None:
+    """One DEBUG line per attempt: the path only (never the query), status, time, attempt."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "%s %s -> %s in %.1f ms (attempt %d)",
+            method,
+            URL(url).path,
+            status,
+            (clock() - started) * 1000,
+            attempt,
+        )
 
 
 def _read_limit(raw: aiohttp.ClientResponse, max_bytes: int) -> int | None:
@@ -503,3 +567,31 @@ def decode(answer: Answer, cls: type[T]) -> T:
             status=answer.status,
             path=path,
         ) from None
+
+
+def _retry_cause(outcome: Answer | WireFailure) -> RetryCause:
+    """Why a failed attempt is retried: its status, or how it failed on the wire."""
+    if isinstance(outcome, Answer):
+        return outcome.status
+    return TIMEOUT if isinstance(outcome.cause, TimeoutError) else CONNECTION
+
+
+def _retried(counts: Counters, outcome: Answer | WireFailure, span: CallSpan | None) -> None:
+    """Count a retry of ``outcome``'s attempt, and note its cause on the call's span."""
+    cause = _retry_cause(outcome)
+    counts.on_retry(cause)
+    if span is not None:
+        span.retry(cause)
+
+
+def _note_attempt(span: CallSpan, attempt: int, outcome: Answer | WireFailure, last: bool) -> None:
+    """Note an attempt on the call's span (its status, or the class of its failure).
+
+    With ``last`` (the call succeeded), the span ends.
+    """
+    if isinstance(outcome, Answer):
+        span.attempt(attempt, outcome.status, None)
+    else:
+        span.attempt(attempt, None, type(outcome.cause).__name__)
+    if last:
+        span.finish(None)

@@ -28,6 +28,7 @@ class SessionHolder:
         "_owns",
         "_session",
         "_timeout",
+        "_trace_configs",
         "closed",
         "loop",
         "slots",
@@ -40,8 +41,10 @@ class SessionHolder:
         max_connections: int,
         timeout: aiohttp.ClientTimeout,
         limiter: RateLimiter | None,
+        trace_configs: list[aiohttp.TraceConfig] | None = None,
     ) -> None:
         self._session = session
+        self._trace_configs = trace_configs
         self._owns = session is None
         self._max_connections = max_connections
         self._timeout = timeout
@@ -60,6 +63,7 @@ class SessionHolder:
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
                 timeout=self._timeout,
                 auto_decompress=True,
+                trace_configs=self._trace_configs,
             )
             self.slots = connection_slots(session, self._limiter)
             self.loop = asyncio.get_running_loop()

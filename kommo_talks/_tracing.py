@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from ._version import __version__
@@ -26,7 +26,17 @@ if TYPE_CHECKING:
     from opentelemetry.context.context import Context
     from opentelemetry.trace import Span, Tracer
 
-__all__ = ["ENV_VAR", "CallSpan", "OtelTracer", "make_tracer", "path_template", "tracing_wanted"]
+__all__ = [
+    "ENV_VAR",
+    "CallSpan",
+    "OtelTracer",
+    "make_tracer",
+    "path_template",
+    "traced",
+    "tracing_wanted",
+]
+
+T = TypeVar("T")
 
 ENV_VAR: Final = "KOMMO_TALKS_TRACING"
 """The environment variable that turns tracing on (``1``, ``true``, ``yes`` or ``on``)."""
@@ -87,6 +97,20 @@ def make_tracer(tracing: bool | None, host: str) -> OtelTracer | None:
             raise ImportError(message) from exc
         logger.warning("%s is set but %s; tracing is off", ENV_VAR, message)
         return None
+
+
+async def traced(
+    tracer: OtelTracer, method: str, url: str, run: Callable[[CallSpan], Awaitable[T]]
+) -> T:
+    """Await ``run(span)`` inside the span of one call, ended with its outcome."""
+    span = tracer.start(method, url)
+    try:
+        result = await run(span)
+    except BaseException as exc:
+        span.finish(exc)
+        raise
+    span.finish(None)
+    return result
 
 
 class OtelTracer:

@@ -25,12 +25,19 @@ class ServerPause:
         self._until = 0.0
         self._error: RateLimitError | ServerError | None = None
 
-    def extend(self, wait: float, error: RateLimitError | ServerError) -> None:
-        """Pause for ``wait`` seconds from now, unless a later deadline is already set."""
-        until = self._clock() + wait
-        if until >= self._until:
-            self._until = until
-            self._error = error
+    def extend(self, wait: float, error: RateLimitError | ServerError) -> float:
+        """Pause for ``wait`` seconds from now, unless a later deadline is already set.
+
+        Returns the seconds this added to the pause (0 within a longer one).
+        """
+        now = self._clock()
+        until = now + wait
+        if until < self._until:
+            return 0.0
+        added = until - max(now, self._until)
+        self._until = until
+        self._error = error
+        return added
 
     def remaining(self) -> float:
         """Seconds left in the pause (zero or negative when not paused)."""

@@ -1,7 +1,7 @@
 """What a client has done since it was created: counters, and their frozen snapshot.
 
 The request pipeline bumps a :class:`Counters` object (plain ints, floats and
-small dicts: a few dozen nanoseconds per request, cheap enough to leave on);
+small dicts: well under a microsecond per request, cheap enough to leave on);
 :meth:`KommoClient.stats() <kommo_talks.KommoClient.stats>` hands out a
 :class:`ClientStats`, a frozen copy that later requests do not change.
 """

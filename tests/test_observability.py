@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 from conftest import FakeClock
 from opentelemetry.trace import StatusCode
 from otel_support import finished, span_exporter
+from retry_support import MakeClient
 
 from kommo_talks import (
     ClientStats,
@@ -20,31 +20,9 @@ from kommo_talks import (
     MemoryTokenStore,
     NotFoundError,
     OAuth2,
-    RetryPolicy,
     TokenSet,
 )
 from kommo_talks.testing import FakeKommo, Fault
-
-POLICY = RetryPolicy(max_attempts=5, base_delay=0.5, max_delay=10.0)
-MakeClient = Callable[..., KommoClient]
-
-
-@pytest.fixture
-async def make_client(fake: FakeKommo, fake_clock: FakeClock) -> AsyncIterator[MakeClient]:
-    """Clients of ``fake`` on the fake clock, no rate limit unless asked; closed at the end."""
-    clients: list[KommoClient] = []
-
-    def make(**kwargs: Any) -> KommoClient:
-        kwargs.setdefault("retry", POLICY)
-        kwargs.setdefault("rate_limit", None)
-        auth = kwargs.pop("auth", None) or LongLivedToken(fake.token)
-        client = KommoClient(fake.url, auth, sleep=fake_clock.sleep, clock=fake_clock.now, **kwargs)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
 
 
 def expired_oauth(fake: FakeKommo) -> tuple[TokenSet, OAuth2]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from conftest import FakeClock
 
+from kommo_talks import RateLimitError
+from kommo_talks.pause import ServerPause
 from kommo_talks.stats import ClientStats, Counters
 
 
@@ -97,3 +100,16 @@ def test_a_snapshot_does_not_change_with_later_requests() -> None:
     assert before.retries_by_status == {}
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         before.in_flight = 5  # type: ignore[misc]
+
+
+def test_a_server_pause_reports_only_the_seconds_it_adds() -> None:
+    clock = FakeClock()
+    pause = ServerPause(clock.now)
+    error = RateLimitError(429, retry_after=10.0)
+
+    assert pause.extend(10.0, error) == 10.0
+    clock.time += 4.0
+    assert pause.extend(3.0, error) == 0.0  # ends before the pause already set
+    assert pause.extend(8.0, error) == 2.0  # 4 + 8 = 12: two seconds past the old end
+    clock.time += 20.0
+    assert pause.extend(1.5, error) == 1.5  # after the pause ended: a new one
