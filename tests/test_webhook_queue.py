@@ -13,9 +13,14 @@ import redis.asyncio
 from redis_server import RedisServer
 
 from kommo_talks.redis import RedisUnavailableError
-from kommo_talks.webhooks import MessageEvent, TalkEvent, WebhookEvent, parse_webhook
+from kommo_talks.webhooks import (
+    MessageEvent,
+    RedisWebhookQueue,
+    TalkEvent,
+    WebhookEvent,
+    parse_webhook,
+)
 from kommo_talks.webhooks._codec import decode_event
-from kommo_talks.webhooks._queue import RedisWebhookQueue
 
 DELIVERY = (
     b"talk[add][0][talk_id]=5&talk[add][0][is_in_work]=1&talk[add][0][is_read]=0"

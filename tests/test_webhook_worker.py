@@ -19,9 +19,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis_server import RedisServer
 
-from kommo_talks.webhooks import MessageEvent, TalkEvent, WebhookEvent
-from kommo_talks.webhooks._queue import RedisWebhookQueue
-from kommo_talks.webhooks._worker import WebhookWorker
+from kommo_talks.webhooks import (
+    MessageEvent,
+    RedisWebhookQueue,
+    TalkEvent,
+    WebhookEvent,
+    WebhookWorker,
+)
 
 # The worker does its own backoff: redis-py's retries would only slow the test down.
 NO_RETRY = Retry(NoBackoff(), 0)

@@ -23,8 +23,7 @@ import pytest
 import redis.asyncio
 from redis_server import RedisServer
 
-from kommo_talks.webhooks import MessageEvent
-from kommo_talks.webhooks._queue import RedisWebhookQueue
+from kommo_talks.webhooks import MessageEvent, RedisWebhookQueue
 
 T = TypeVar("T")
 CHILD = Path(__file__).with_name("webhook_worker_child.py")

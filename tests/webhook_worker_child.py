@@ -17,9 +17,7 @@ from typing import Any
 
 import redis.asyncio
 
-from kommo_talks.webhooks import MessageEvent, WebhookEvent
-from kommo_talks.webhooks._queue import RedisWebhookQueue
-from kommo_talks.webhooks._worker import WebhookWorker
+from kommo_talks.webhooks import MessageEvent, RedisWebhookQueue, WebhookEvent, WebhookWorker
 
 
 async def work(job: dict[str, Any]) -> None:
