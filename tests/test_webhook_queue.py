@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
@@ -121,46 +120,33 @@ async def test_an_event_that_cannot_be_encoded_stores_nothing_of_its_delivery(
 
 
 @pytest.fixture
-def durable_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of its own with appendonly yes and appendfsync always."""
-    server = RedisServer(tmp_path, durable=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.process is not None:
-            os.kill(server.process.pid, signal.SIGCONT)
-        server.stop()
-
-
-@pytest.fixture
-async def durable_r(durable_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis(port=durable_server.port, socket_timeout=2.0)
+async def durable_r(durable_redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis(port=durable_redis_server.port, socket_timeout=2.0)
     yield client
     await client.aclose()
 
 
 async def test_append_raises_when_redis_stalls_past_the_deadline(
-    durable_server: RedisServer, durable_r: redis.asyncio.Redis
+    durable_redis_server: RedisServer, durable_r: redis.asyncio.Redis
 ) -> None:
     queue = RedisWebhookQueue(durable_r)
     await queue.append([])  # nothing sent
     await durable_r.ping()
-    assert durable_server.process is not None
-    os.kill(durable_server.process.pid, signal.SIGSTOP)
+    assert durable_redis_server.process is not None
+    os.kill(durable_redis_server.process.pid, signal.SIGSTOP)
     with pytest.raises(RedisUnavailableError, match=r"within 0\.2 s"):
         await queue.append(parse_webhook(DELIVERY).events, timeout=0.2)
-    os.kill(durable_server.process.pid, signal.SIGCONT)
+    os.kill(durable_redis_server.process.pid, signal.SIGCONT)
     # Kommo's retry after the 503: stored once, whether or not the first got through.
     await queue.append(parse_webhook(DELIVERY).events, timeout=2.0)
     assert await stored_events(durable_r) == list(parse_webhook(DELIVERY).events)
 
 
 async def test_append_raises_when_redis_is_down(
-    durable_server: RedisServer, durable_r: redis.asyncio.Redis
+    durable_redis_server: RedisServer, durable_r: redis.asyncio.Redis
 ) -> None:
     queue = RedisWebhookQueue(durable_r)
-    durable_server.kill()
+    durable_redis_server.kill()
     # Refused connections (the client library may retry them) or the deadline: either way.
     with pytest.raises(RedisUnavailableError) as caught:
         await queue.append(parse_webhook(DELIVERY).events, timeout=1.0)
@@ -169,12 +155,12 @@ async def test_append_raises_when_redis_is_down(
 
 
 async def test_appended_events_survive_a_kill_9_of_redis(
-    durable_server: RedisServer, durable_r: redis.asyncio.Redis
+    durable_redis_server: RedisServer, durable_r: redis.asyncio.Redis
 ) -> None:
     queue = RedisWebhookQueue(durable_r)
     events = parse_webhook(DELIVERY).events
     await queue.append(events)
-    durable_server.kill()
-    durable_server.start()
+    durable_redis_server.kill()
+    durable_redis_server.start()
     assert await stored_events(durable_r) == list(events)
     assert await queue.append(events) == [None, None, None]

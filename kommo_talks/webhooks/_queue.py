@@ -6,9 +6,8 @@ Needs the optional extra ``kommo-talks[redis]`` (redis-py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -21,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
     ) from exc
 
 from ..errors import DecodeError, redact_text
-from ..redis import RedisUnavailableError
+from ..redis import RedisUnavailableError, _redis_errors
 from ._codec import decode_event, dedupe_identity, encode_event
 from ._models import WebhookEvent
 from ._plan import AutoclaimReply, parse_autoclaim
@@ -182,24 +181,6 @@ class RedisWebhookQueue:
     def __repr__(self) -> str:
         return f"RedisWebhookQueue(stream={self.stream!r}, group={self.group!r})"
 
-    @contextlib.contextmanager
-    def _errors(self, operation: str) -> Iterator[None]:
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise RedisUnavailableError(
-                f"Redis is unavailable, cannot {operation} (stream {self.stream!r}): {exc}",
-                operation=operation,
-                key=self.stream,
-            ) from exc
-        except redis.exceptions.RedisError as exc:
-            raise RedisUnavailableError(
-                f"Redis refused to {operation} (stream {self.stream!r}): "
-                f"{type(exc).__name__}: {exc}",
-                operation=operation,
-                key=self.stream,
-            ) from exc
-
     # A timeout of our own: past it the caller gets RedisUnavailableError (its 503), not
     # a bare TimeoutError from whatever else it awaits.
     async def append(
@@ -226,7 +207,7 @@ class RedisWebhookQueue:
         args: list[Any] = [self.dedupe_seconds, *(encode_event(event) for event in batch)]
         keys = [self.stream, *(self._seen_key(event) for event in batch)]
         try:
-            with self._errors("append webhook events"):
+            with _redis_errors("append webhook events", self.stream):
                 async with asyncio.timeout(timeout):
                     ids = await self._append_script(keys=keys, args=args)
         except TimeoutError as exc:
@@ -245,7 +226,7 @@ class RedisWebhookQueue:
 
     async def _ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing, reading from the start."""
-        with self._errors("create the consumer group"):
+        with _redis_errors("create the consumer group", self.stream):
             try:
                 await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
             except redis.exceptions.ResponseError as exc:
@@ -260,7 +241,7 @@ class RedisWebhookQueue:
 
     async def _read(self, consumer: str, count: int, block_ms: int) -> list[QueuedEntry]:
         """New entries for ``consumer`` (each delivered for the first time)."""
-        with self._errors("read webhook events"):
+        with _redis_errors("read webhook events", self.stream):
             reply = await self._redis.xreadgroup(
                 self.group, consumer, {self.stream: ">"}, count=count, block=block_ms
             )
@@ -270,7 +251,7 @@ class RedisWebhookQueue:
         self, consumer: str, min_idle_ms: int, start: str, count: int
     ) -> tuple[str, list[QueuedEntry]]:
         """Take over entries idle for ``min_idle_ms``; return the next start and the entries."""
-        with self._errors("claim idle webhook events"):
+        with _redis_errors("claim idle webhook events", self.stream):
             raw = await self._autoclaim_script(
                 keys=[self.stream], args=[self.group, consumer, min_idle_ms, start, count]
             )
@@ -304,13 +285,13 @@ class RedisWebhookQueue:
         args: list[Any] = [self.group, consumer, idle_ms]
         for entry_id, deliveries in entries:
             args += [entry_id, "" if deliveries is None else deliveries]
-        with self._errors("keep webhook events claimed"):
+        with _redis_errors("keep webhook events claimed", self.stream):
             kept = await self._touch_script(keys=[self.stream], args=args)
         return {_text(i) for i in kept}
 
     async def _ack(self, entry_id: str) -> None:
         """Acknowledge a handled entry and delete it from the stream (one transaction)."""
-        with self._errors("acknowledge a webhook event"):
+        with _redis_errors("acknowledge a webhook event", self.stream):
             pipe = self._redis.pipeline(transaction=True)
             pipe.xack(self.stream, self.group, entry_id)
             pipe.xdel(self.stream, entry_id)
@@ -324,7 +305,7 @@ class RedisWebhookQueue:
             "deliveries": entry.deliveries,
             "source_id": entry.id,
         }
-        with self._errors("dead-letter a webhook event"):
+        with _redis_errors("dead-letter a webhook event", self.stream):
             pipe = self._redis.pipeline(transaction=True)
             pipe.xadd(self.dead_stream, fields)  # type: ignore[arg-type]
             pipe.xack(self.stream, self.group, entry.id)
@@ -340,7 +321,7 @@ class RedisWebhookQueue:
             RedisUnavailableError: Redis cannot be reached or refused.
         """
         start = f"({after}" if after else "-"
-        with self._errors("list dead webhook events"):
+        with _redis_errors("list dead webhook events", self.stream):
             rows = await self._redis.xrange(self.dead_stream, start, "+", count=count)
         return [_dead_letter(_text(i), fields or {}) for i, fields in rows or ()]
 
@@ -355,7 +336,7 @@ class RedisWebhookQueue:
         """
         moved = 0
         for dead_id in ids:
-            with self._errors("retry a dead webhook event"):
+            with _redis_errors("retry a dead webhook event", self.stream):
                 rows = await self._redis.xrange(self.dead_stream, dead_id, dead_id)
                 if not rows:
                     continue
@@ -376,7 +357,7 @@ class RedisWebhookQueue:
         wanted = list(ids)
         if not wanted:
             return 0
-        with self._errors("drop dead webhook events"):
+        with _redis_errors("drop dead webhook events", self.stream):
             return int(await self._redis.xdel(self.dead_stream, *wanted))
 
 

@@ -231,12 +231,15 @@ class WebhookWorker:
         now = asyncio.get_running_loop().time()
         if now < self._next_claim:
             return []
+        # Held when the claim was sent: ours already, whatever its reply says (a renewal
+        # that came late lets XAUTOCLAIM hand us our own entries, even ones just done).
+        held = set(self._held)
         self._cursor, entries = await self.queue._claim(
             self.consumer, self._idle_ms, self._cursor, count
         )
         if self._cursor in ("0-0", "0"):  # a full pass: wait before the next one
             self._next_claim = now + self.claim_idle / 2
-        return entries
+        return [entry for entry in entries if entry.id not in held]
 
     async def _accept(self, entry: QueuedEntry) -> None:
         if entry.id in self._held:
@@ -311,7 +314,9 @@ class WebhookWorker:
             await asyncio.sleep(self.claim_idle / 3)
             held = list(self._held.values())
             try:
-                kept = await self.queue._touch(self.consumer, [(j.entry.id, None) for j in held])
+                # The count as we know it: undoes a bump by our own claim after a late renewal.
+                counts = [(job.entry.id, job.entry.deliveries) for job in held]
+                kept = await self.queue._touch(self.consumer, counts)
             except RedisUnavailableError as exc:
                 logger.warning("cannot renew the claim on held webhook events: %s", exc)
                 continue
