@@ -36,13 +36,14 @@ def start_worker(server: RedisServer, consumer: str) -> subprocess.Popen[str]:
         "redis_url": server.url,
         "stream": "crash:hooks",
         "runs_key": "crash:runs",
+        "starts_key": "crash:starts",
         "consumer": consumer,
         "concurrency": CONCURRENCY,
         "claim_idle": 0.2,
     }
     process = subprocess.Popen(
         [sys.executable, str(CHILD), json.dumps(job)],
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -52,8 +53,8 @@ def start_worker(server: RedisServer, consumer: str) -> subprocess.Popen[str]:
     return process
 
 
-async def runs_so_far(r: redis.asyncio.Redis) -> list[tuple[str, str]]:
-    return [tuple(item.decode().split()) for item in await r.lrange("crash:runs", 0, -1)]  # type: ignore[misc]
+async def runs_so_far(r: redis.asyncio.Redis, key: str = "crash:runs") -> list[tuple[str, str]]:
+    return [tuple(item.decode().split()) for item in await r.lrange(key, 0, -1)]  # type: ignore[misc]
 
 
 async def poll(read: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> None:
@@ -76,6 +77,10 @@ async def test_a_killed_worker_loses_no_event(
     kill_after = random.Random(seed).randrange(50, EVENTS - 200)
     victim = start_worker(redis_server, "victim")
     survivor = start_worker(redis_server, "survivor")
+    for process in (victim, survivor):
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
     try:
         async with asyncio.timeout(30):
             await poll(lambda: r.llen("crash:runs"), lambda done: done >= kill_after)
@@ -98,5 +103,11 @@ async def test_a_killed_worker_loses_no_event(
     by_victim = {m for m, consumer in runs if consumer == "victim"}
     assert twice <= by_victim  # only what the killed worker had not acknowledged
     assert max(counts.values()) <= 2
+    # The kill came in the middle of callbacks, and the survivor finished them.
+    started = {m for m, consumer in await runs_so_far(r, "crash:starts") if consumer == "victim"}
+    interrupted = started - by_victim
+    assert interrupted
+    assert len(interrupted) + len(twice) <= CONCURRENCY  # all held by the victim when killed
+    assert interrupted <= {m for m, consumer in runs if consumer == "survivor"}
     assert await queue.dead_letters() == []
     assert (await r.xpending("crash:hooks", queue.group))["pending"] == 0

@@ -1,9 +1,11 @@
 """One worker process of ``test_webhook_worker_crash.py``: ``python webhook_worker_child.py JSON``.
 
-Runs a :class:`WebhookWorker` whose callback records each run in a Redis
-list (``"<message_id> <consumer>"``) after a short pause, so that callbacks
+Runs a :class:`WebhookWorker` whose callback records the start and the
+end of each run in two Redis lists (``"<message_id> <consumer>"``), a short
+pause apart, so that callbacks
 are always in flight. Stops gracefully on SIGTERM, as the guide's example
-does; the test kills it with SIGKILL instead.
+does; the test kills it with SIGKILL instead. It starts reading once a line
+``go`` arrives on stdin, so that both workers start together.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ async def work(job: dict[str, Any]) -> None:
 
     async def callback(event: WebhookEvent) -> None:
         assert isinstance(event, MessageEvent)
-        await asyncio.sleep(random.uniform(0.0005, 0.003))
+        await connection.rpush(job["starts_key"], f"{event.message_id} {job['consumer']}")
+        await asyncio.sleep(random.uniform(0.002, 0.012))
         await connection.rpush(job["runs_key"], f"{event.message_id} {job['consumer']}")
 
     worker = WebhookWorker(
@@ -39,6 +42,9 @@ async def work(job: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.stop()))
     print("ready", flush=True)
+    # Every worker starts at once, on the test's "go".
+    if (await asyncio.to_thread(sys.stdin.readline)).strip() != "go":
+        raise SystemExit("expected 'go'")
     try:
         await worker.run()
     finally:
