@@ -331,6 +331,31 @@ async def test_stop_finishes_running_callbacks_and_leaves_the_rest_to_others(
     assert later_runs == [message(n, talk_id=9) for n in range(1, 5)]
 
 
+async def test_cancelling_run_cancels_callbacks_and_acknowledges_nothing(
+    r: redis.asyncio.Redis,
+) -> None:
+    queue = RedisWebhookQueue(r)
+    started = asyncio.Event()
+    cancelled: list[WebhookEvent] = []
+
+    async def endless(event: WebhookEvent) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(event)
+            raise
+
+    await queue.append([message(1)])
+    task = asyncio.create_task(worker(queue, endless).run())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled == [message(1)]
+    assert await pending(r, queue) == 1
+
+
 async def test_a_worker_cannot_run_twice_at_once(r: redis.asyncio.Redis) -> None:
     async def callback(event: WebhookEvent) -> None:
         pass

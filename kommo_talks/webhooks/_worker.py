@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -113,8 +114,10 @@ class WebhookWorker:
         self._held: dict[str, _Job] = {}
         self._lanes: Lanes[_Job] = Lanes()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._callbacks: set[asyncio.Future[object]] = set()
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        self._keeper_quit = asyncio.Event()
         self._done: asyncio.Event | None = None
         self._cursor = "0-0"
         self._next_claim = 0.0
@@ -131,6 +134,9 @@ class WebhookWorker:
     async def run(self) -> None:
         """Read and run events until :meth:`stop`; then finish what is running.
 
+        Cancelling it cancels the running callbacks too: their events are not
+        acknowledged, and other workers run them after ``claim_idle``.
+
         Raises:
             RuntimeError: this worker is already running.
         """
@@ -138,13 +144,14 @@ class WebhookWorker:
             raise RuntimeError(f"{self!r} is already running")
         self._done = asyncio.Event()
         self._stopping.clear()
+        self._keeper_quit.clear()
         keeper = asyncio.create_task(self._keep_claimed())
         try:
             while not self._stopping.is_set():
-                await self._redis_step(self._ensure_group_then_fill)
+                await self._uncancelled(self._redis_step(self._ensure_group_then_fill))
         finally:
             self._stopping.set()
-            await self._wind_down(keeper)
+            await self._uncancelled(self._wind_down(keeper))
             self._done.set()
 
     async def stop(self) -> None:
@@ -154,17 +161,32 @@ class WebhookWorker:
         if self._done is not None:
             await self._done.wait()
 
+    async def _uncancelled(self, work: Awaitable[None]) -> None:
+        """Await ``work`` to its end even if this task is cancelled, then pass the cancel on.
+
+        A Redis command cut short by a cancel can leave redis-py waiting forever
+        for an answer: Redis I/O runs in a task of its own that is never
+        cancelled. A cancel stops the worker and cancels the running callbacks.
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._stopping.set()
+            self._wake.set()
+            for callback in self._callbacks:  # their events stay pending, for other workers
+                callback.cancel()
+            await task
+            raise
+
     async def _wind_down(self, keeper: asyncio.Task[None]) -> None:
         waiting = self._lanes.drain()
         for job in waiting:
             del self._held[job.entry.id]
-        try:
-            if self._tasks:
-                await asyncio.wait(set(self._tasks))
-        finally:
-            keeper.cancel()
-            for task in set(self._tasks):
-                task.cancel()
+        if self._tasks:  # renewed by the keeper while they finish
+            await asyncio.wait(set(self._tasks))
+        self._keeper_quit.set()
+        await keeper
         await self._release(waiting)
 
     async def _release(self, jobs: list[_Job]) -> None:
@@ -278,8 +300,16 @@ class WebhookWorker:
 
     async def _run_one(self, job: _Job) -> None:
         entry = job.entry
+        # The callback alone is cancelled when run() is: its handler lives on, never
+        # cut short in the middle of a Redis command.
+        callback = asyncio.ensure_future(self._callback(job.event))
+        self._callbacks.add(callback)
         try:
-            await self._callback(job.event)
+            await callback
+        except asyncio.CancelledError:
+            if not callback.cancelled():
+                raise
+            return  # left pending: another worker runs it after claim_idle
         except Exception as exc:
             logger.exception(
                 "webhook callback failed (run %d of %d, entry %s)",
@@ -290,6 +320,8 @@ class WebhookWorker:
             if after_failure(entry.deliveries, self.max_deliveries) is Step.DEAD:
                 await self._bury(entry, error_text(exc))
             return
+        finally:
+            self._callbacks.discard(callback)
         await self._until_done(lambda: self.queue._ack(entry.id), "acknowledge")
 
     async def _bury(self, entry: QueuedEntry, error: str) -> None:
@@ -309,9 +341,8 @@ class WebhookWorker:
                 await self._sleep(delay)
 
     async def _keep_claimed(self) -> None:
-        """Renew the claim on every held event, well within ``claim_idle``."""
-        while True:
-            await asyncio.sleep(self.claim_idle / 3)
+        """Renew the claim on every held event, well within ``claim_idle``, until told to quit."""
+        while not await _set_within(self._keeper_quit, self.claim_idle / 3):
             held = list(self._held.values())
             try:
                 # The count as we know it: undoes a bump by our own claim after a late renewal.
@@ -325,3 +356,11 @@ class WebhookWorker:
                 job.lost = True  # another worker took it over: do not start it here
             if lost:
                 logger.warning("another worker took over %d held webhook events", len(lost))
+
+
+async def _set_within(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; return whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
