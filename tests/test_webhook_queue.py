@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -164,3 +166,14 @@ async def test_appended_events_survive_a_kill_9_of_redis(
     durable_redis_server.start()
     assert await stored_events(durable_r) == list(events)
     assert await queue.append(events) == [None, None, None]
+
+
+def test_the_webhooks_package_imports_redis_only_for_the_queue() -> None:
+    code = (
+        "import sys, kommo_talks.webhooks as w; "
+        "assert 'redis' not in sys.modules, 'imported with the package'; "
+        "from kommo_talks.webhooks import DeadLetter, RedisWebhookQueue, WebhookWorker; "
+        "assert 'redis' in sys.modules; "
+        "assert {'DeadLetter', 'RedisWebhookQueue', 'WebhookWorker'} <= set(w.__all__)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
