@@ -72,27 +72,34 @@ async def until(check: Callable[[], Awaitable[bool]], limit: float = 5.0) -> Non
             await asyncio.sleep(0.005)
 
 
+class Gate:
+    """A callback that records each event after waiting for :attr:`release`."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.seen: list[WebhookEvent] = []
+
+    async def __call__(self, event: WebhookEvent) -> None:
+        self.started.set()
+        await self.release.wait()
+        self.seen.append(event)
+
+
 async def test_an_event_is_acknowledged_only_after_its_callback_returned(
     r: redis.asyncio.Redis,
 ) -> None:
     queue = RedisWebhookQueue(r)
-    started, release = asyncio.Event(), asyncio.Event()
-    seen: list[WebhookEvent] = []
-
-    async def callback(event: WebhookEvent) -> None:
-        started.set()
-        await release.wait()
-        seen.append(event)
-
+    gate = Gate()
     await queue.append([message(1)])
-    async with running(worker(queue, callback)):
-        await started.wait()
+    async with running(worker(queue, gate)):
+        await gate.started.wait()
         await asyncio.sleep(0.3)  # three claim_idle periods: still held, not acknowledged
         assert await pending(r, queue) == 1
         assert await r.xlen(queue.stream) == 1
-        release.set()
+        gate.release.set()
         await until(lambda: settled(r, queue))
-    assert seen == [message(1)]
+    assert gate.seen == [message(1)]
 
 
 async def test_events_appended_before_any_worker_existed_are_run(r: redis.asyncio.Redis) -> None:
@@ -298,26 +305,20 @@ async def test_stop_finishes_running_callbacks_and_leaves_the_rest_to_others(
     r: redis.asyncio.Redis,
 ) -> None:
     queue = RedisWebhookQueue(r)
-    started, release = asyncio.Event(), asyncio.Event()
-    first_runs: list[WebhookEvent] = []
-
-    async def blocking(event: WebhookEvent) -> None:
-        started.set()
-        await release.wait()
-        first_runs.append(event)
+    gate = Gate()
 
     # One talk: one event runs, four wait their turn in the worker.
     await queue.append([message(n, talk_id=9) for n in range(5)])
-    first = worker(queue, blocking, claim_idle=60.0, concurrency=5)
+    first = worker(queue, gate, claim_idle=60.0, concurrency=5)
     task = asyncio.create_task(first.run())
-    await started.wait()
+    await gate.started.wait()
     stopping = asyncio.create_task(first.stop())
     await asyncio.sleep(0.05)
     assert not stopping.done()  # waits for the running callback
-    release.set()
+    gate.release.set()
     await stopping
     await task
-    assert first_runs == [message(0, talk_id=9)]
+    assert gate.seen == [message(0, talk_id=9)]
     assert await pending(r, queue) == 4
 
     later_runs: list[WebhookEvent] = []
