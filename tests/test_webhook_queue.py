@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis.asyncio
@@ -35,7 +36,8 @@ DELIVERY = (
 async def stored_events(
     r: redis.asyncio.Redis, stream: str = "kommo:webhooks"
 ) -> list[WebhookEvent]:
-    return [decode_event(fields[b"e"]) for _, fields in await r.xrange(stream)]
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await r.xrange(stream))
+    return [decode_event(fields[b"e"]) for _, fields in entries]
 
 
 async def test_the_same_delivery_appended_three_times_is_stored_once_per_event(

@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 import redis.asyncio
@@ -55,7 +55,9 @@ def start_worker(server: RedisServer, consumer: str) -> subprocess.Popen[str]:
 
 
 async def runs_so_far(r: redis.asyncio.Redis) -> list[tuple[str, str]]:
-    return [tuple(item.decode().split()) for item in await r.lrange("crash:runs", 0, -1)]  # type: ignore[misc]
+    items = cast(list[bytes], await r.lrange("crash:runs", 0, -1))
+    pairs = [item.decode().split() for item in items]
+    return [(first, second) for first, second in pairs]
 
 
 async def poll(read: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> None:
