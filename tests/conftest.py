@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,3 +111,19 @@ async def make_client(fake: FakeKommo, fake_clock: FakeClock) -> AsyncIterator[M
 def kommo(make_client: MakeClient) -> KommoClient:
     """A client with the default test policy (5 attempts, 0.5 s base, 10 s max delay)."""
     return make_client()
+
+
+@pytest.fixture
+def durable_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own with ``appendonly yes`` and ``appendfsync always``.
+
+    The test may pause it (SIGSTOP), or kill it and start it again on its log.
+    """
+    server = RedisServer(tmp_path, durable=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()

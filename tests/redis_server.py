@@ -61,8 +61,10 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """One ``redis-server`` process: :meth:`start`, :meth:`stop`, :meth:`restart`."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, durable: bool = False) -> None:
         self.folder = folder
+        # durable: an append-only file synced on every write (survives kill -9).
+        self.durable = durable
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -88,7 +90,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.durable else "no",
+                "--appendfsync",
+                "always",
                 "--daemonize",
                 "no",
                 "--logfile",
@@ -126,8 +130,14 @@ class RedisServer:
         if process.stderr is not None:
             process.stderr.close()
 
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL, no chance to save) and wait for it."""
+        if self.process is not None:
+            self.process.kill()
+        self.stop()
+
     def restart(self) -> None:
-        """Stop and start again on the same port (with persistence off: empty)."""
+        """Stop and start again on the same port (empty unless ``durable``)."""
         self.stop()
         self.start()
 

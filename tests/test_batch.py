@@ -8,6 +8,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import attrs
@@ -57,14 +58,14 @@ def close_requests(fake: FakeKommo) -> list[int]:
 class CountingIterator:
     """An iterator over ``items`` that records how many were taken."""
 
-    def __init__(self, items: list[object]) -> None:
+    def __init__(self, items: list[Any]) -> None:
         self._items = iter(items)
         self.taken = 0
 
-    def __iter__(self) -> Iterator[object]:
+    def __iter__(self) -> Iterator[Any]:
         return self
 
-    def __next__(self) -> object:
+    def __next__(self) -> Any:
         item = next(self._items)
         self.taken += 1
         return item

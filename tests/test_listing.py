@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import inspect
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import attrs
@@ -139,7 +139,7 @@ async def test_an_empty_page_with_a_next_link_ends_the_listing() -> None:
 
 async def test_is_an_async_generator_usable_with_aclosing(client: KommoClient) -> None:
     # KommoClient.iter_talks is annotated AsyncIterator; what it returns is a generator.
-    iterator = cast(AsyncGenerator[Talk, None], client.iter_talks(page_size=10))
+    iterator = client.iter_talks(page_size=10)
     is_generator = inspect.isasyncgen(iterator)  # (not in the assert: no type narrowing)
     assert is_generator
     async with contextlib.aclosing(iterator) as talks:
@@ -153,7 +153,7 @@ async def test_is_an_async_generator_usable_with_aclosing(client: KommoClient) -
 async def test_next_page_is_requested_only_when_the_current_one_is_consumed(
     fake: FakeKommo, client: KommoClient
 ) -> None:
-    iterator = cast(AsyncGenerator[Talk, None], client.iter_talks(page_size=5))
+    iterator = client.iter_talks(page_size=5)
     assert fake.stats.requests == 0  # nothing is sent before the first item is asked for
     for expected in range(1, 6):
         assert (await anext(iterator)).talk_id == expected
@@ -167,7 +167,7 @@ async def test_leaving_the_loop_early_sends_nothing_more(
     fake: FakeKommo, client: KommoClient
 ) -> None:
     seen = []
-    iterator = cast(AsyncGenerator[Talk, None], client.iter_talks(page_size=5))
+    iterator = client.iter_talks(page_size=5)
     async with contextlib.aclosing(iterator) as talks:
         async for talk in talks:
             seen.append(talk.talk_id)

@@ -208,7 +208,7 @@ async def test_401_for_a_token_already_replaced_requests_nothing(fake: FakeKommo
         await client.get_talk(1)  # refreshes proactively
         assert fake.oauth.refreshes == 1
         # A late 401 to the old token: another task already refreshed since it was issued.
-        assert await auth.handle_unauthorized(client, old.access_token) is True
+        assert await auth.handle_unauthorized(client._pipeline, old.access_token) is True
         assert fake.stats.by_route["token"] == 1
         await client.get_talk(2)
     assert fake.oauth.refreshes == 1
@@ -217,7 +217,7 @@ async def test_401_for_a_token_already_replaced_requests_nothing(fake: FakeKommo
 async def test_handle_unauthorized_before_any_token_says_no(fake: FakeKommo) -> None:
     auth = oauth_for(fake, MemoryTokenStore(fake.oauth.issue_tokens()))
     async with client_for(fake, auth) as client:
-        assert await auth.handle_unauthorized(client, "never-issued") is False
+        assert await auth.handle_unauthorized(client._pipeline, "never-issued") is False
     assert fake.stats.requests == 0
 
 

@@ -54,7 +54,7 @@ async def test_retryable_status_then_success_closes_the_talk(
 ) -> None:
     fake.script("close", status)
 
-    assert await kommo.close_talk(8, force=True) is None
+    await kommo.close_talk(8, force=True)  # returns None on success, raises otherwise
 
     assert not fake.is_open(8)
     assert attempts(fake, "close") == 2
@@ -259,7 +259,7 @@ async def test_dropped_post_is_retried_once_per_attempt(
 ) -> None:
     fake.script("close", Fault.dropped(), Fault.dropped())
 
-    assert await kommo.close_talk(9, force=True) is None
+    await kommo.close_talk(9, force=True)  # returns None on success, raises otherwise
 
     assert attempts(fake, "close") == 3
     assert not fake.is_open(9)
@@ -304,7 +304,7 @@ async def test_exhausted_timeouts_raise_transport_error(
 async def test_close_then_503_then_422_means_closed(kommo: KommoClient, fake: FakeKommo) -> None:
     fake.script("close", Fault.then_error(503))
 
-    assert await kommo.close_talk(11, force=True) is None
+    await kommo.close_talk(11, force=True)  # returns None on success, raises otherwise
 
     assert not fake.is_open(11)
     assert attempts(fake, "close") == 2  # the retry got the 422
@@ -313,7 +313,7 @@ async def test_close_then_503_then_422_means_closed(kommo: KommoClient, fake: Fa
 async def test_close_then_drop_then_422_means_closed(kommo: KommoClient, fake: FakeKommo) -> None:
     fake.script("close", Fault.dropped(after_effect=True))
 
-    assert await kommo.close_talk(11, force=True) is None
+    await kommo.close_talk(11, force=True)  # returns None on success, raises otherwise
 
     assert not fake.is_open(11)
     assert attempts(fake, "close") == 2
@@ -324,7 +324,7 @@ async def test_ambiguity_survives_later_non_ambiguous_failures(
 ) -> None:
     fake.script("close", Fault.then_error(500), 429, 503)
 
-    assert await kommo.close_talk(11, force=True) is None
+    await kommo.close_talk(11, force=True)  # returns None on success, raises otherwise
     assert attempts(fake, "close") == 4
 
 

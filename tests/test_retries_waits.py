@@ -121,7 +121,7 @@ async def test_retry_after_http_date_is_slept(fake_clock: FakeClock) -> None:
         scripted_server(answers) as url,
         clocked_client(url, fake_clock) as client,
     ):
-        assert await client.close_talk(1, force=True) is None
+        await client.close_talk(1, force=True)  # returns None on success, raises otherwise
 
     (slept,) = fake_clock.sleeps
     assert 4.0 < slept <= 6.0  # HTTP dates have whole seconds
@@ -155,7 +155,7 @@ async def test_retry_after_header_wins_over_the_429_body(fake_clock: FakeClock) 
         scripted_server(answers) as url,
         clocked_client(url, fake_clock) as client,
     ):
-        assert await client.close_talk(1, force=True) is None
+        await client.close_talk(1, force=True)  # returns None on success, raises otherwise
 
     assert fake_clock.sleeps == [2.0]
 
@@ -170,7 +170,7 @@ async def test_unreadable_retry_after_falls_back_to_backoff(fake_clock: FakeCloc
         scripted_server(answers) as url,
         clocked_client(url, fake_clock) as client,
     ):
-        assert await client.close_talk(1, force=True) is None
+        await client.close_talk(1, force=True)  # returns None on success, raises otherwise
 
     assert len(fake_clock.sleeps) == 2
     for slept, cap in zip(fake_clock.sleeps, backoff_caps(2), strict=True):
@@ -196,7 +196,7 @@ async def test_a_hostile_retry_after_is_ignored_and_the_client_keeps_working(
         scripted_server(answers) as url,
         clocked_client(url, fake_clock) as client,
     ):
-        assert await client.close_talk(1, force=True) is None
+        await client.close_talk(1, force=True)  # returns None on success, raises otherwise
 
     assert len(fake_clock.sleeps) == 2  # ordinary backoffs, no server-given pause
     for slept, cap in zip(fake_clock.sleeps, backoff_caps(2), strict=True):
@@ -219,7 +219,7 @@ async def test_a_day_long_retry_after_pauses_the_client_for_an_hour_at_most(
         assert caught.value.retry_after == 3600.0
 
         fake_clock.time += 3600.0
-        assert await client.close_talk(1, force=True) is None
+        await client.close_talk(1, force=True)  # returns None on success, raises otherwise
 
 
 # -- the client-wide pause ------------------------------------------------------------------

@@ -28,6 +28,8 @@ from ._wire import RouteSource
 # example_talk and talk_payload: the benchmarks import them from here.
 __all__ = ["FakeKommo", "example_talk", "talk_payload"]
 
+_EXAMPLE_LEAD = example_talk(1)["entity_id"]
+
 
 class FakeKommo:
     """An in-process fake of Kommo's Talks API, served on ``127.0.0.1``.
@@ -98,9 +100,7 @@ class FakeKommo:
         """IDs of talks whose close launched the NPS bot instead of closing."""
         # Every endpoint comes from one of these parts (each has routes());
         # a module that serves more of Kommo adds its part here.
-        self.crm = FakeCRM(
-            account_id=account_id, subdomain=subdomain, leads=[example_talk(1)["entity_id"]]
-        )
+        self.crm = FakeCRM(account_id=account_id, subdomain=subdomain, leads=[_EXAMPLE_LEAD])
         """The account and its leads (``GET /api/v4/account``, ``/api/v4/leads``)."""
         self._endpoints: tuple[RouteSource, ...] = (
             self._talks,

@@ -20,6 +20,8 @@ clients and logged deliveries; it is unconfirmed by an official Kommo page).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._models import Attachment, InvalidEvent, MessageEvent, TalkEvent, Webhook, WebhookEvent
 from ._parse import parse_webhook
 from ._receiver import WebhookCallback, WebhookReceiver
@@ -37,3 +39,18 @@ __all__ = [
     "parse_webhook",
     "verify_disconnect_signature",
 ]
+
+# The Redis pieces need the `redis` extra: imported on first use, never by `import kommo_talks`.
+if TYPE_CHECKING:
+    from ._queue import DeadLetter, RedisWebhookQueue
+    from ._worker import WebhookWorker
+_LAZY = {"RedisWebhookQueue": "._queue", "DeadLetter": "._queue", "WebhookWorker": "._worker"}
+__all__ += ["DeadLetter", "RedisWebhookQueue", "WebhookWorker"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
