@@ -16,7 +16,6 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import urlsplit
 
 from ._version import __version__
 
@@ -42,7 +41,7 @@ ENV_VAR: Final = "KOMMO_TALKS_TRACING"
 """The environment variable that turns tracing on (``1``, ``true``, ``yes`` or ``on``)."""
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 # A path segment that names one record: digits, or a UUID (chat IDs in Kommo's chats API).
-_ID_SEGMENT: Final = re.compile(r"\d+|[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_UUID: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 # OpenTelemetry's semantic conventions for HTTP clients, and the SDK's own keys.
 METHOD: Final = "http.request.method"
 TEMPLATE: Final = "url.template"
@@ -53,6 +52,10 @@ RETRY_CAUSE: Final = "kommo_talks.retry_cause"
 RESEND_COUNT: Final = "http.request.resend_count"
 
 logger = logging.getLogger("kommo_talks")
+# opentelemetry's context and trace modules, set by the first OtelTracer: never
+# imported while tracing is off.
+_context: Any = None
+_trace: Any = None
 
 
 def path_template(url: str) -> str:
@@ -62,8 +65,19 @@ def path_template(url: str) -> str:
     ``/api/v4/talks/{id}/close``; a relative path stays relative (``leads/123``
     gives ``leads/{id}``). An ID segment is all digits, or a UUID.
     """
-    path = urlsplit(url).path if "://" in url else url.split("?", 1)[0].split("#", 1)[0]
-    return "/".join("{id}" if _ID_SEGMENT.fullmatch(part) else part for part in path.split("/"))
+    scheme = url.find("://")
+    if scheme >= 0:  # drop the scheme and host
+        rest = url[scheme + 3 :]
+        ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+        url = rest[min(ends) :] if ends else ""
+    path = url.split("?", 1)[0].split("#", 1)[0]
+    return "/".join("{id}" if _is_id(part) else part for part in path.split("/"))
+
+
+def _is_id(segment: str) -> bool:
+    if segment.isdigit():
+        return segment.isascii()
+    return len(segment) == 36 and _UUID.fullmatch(segment) is not None
 
 
 def tracing_wanted(tracing: bool | None, environ: Mapping[str, str] = os.environ) -> bool:
@@ -119,24 +133,24 @@ class OtelTracer:
     __slots__ = ("_host", "_tracer")
 
     def __init__(self, host: str) -> None:
-        from opentelemetry import trace  # imported only when tracing is on
+        global _context, _trace
+        from opentelemetry import context, trace  # imported only when tracing is on
 
+        _context, _trace = context, trace
         self._tracer: Tracer = trace.get_tracer("kommo_talks", __version__)
         self._host = host
 
     def start(self, method: str, url: str) -> CallSpan:
         """Open the span of one call (current until :meth:`CallSpan.finish`)."""
-        from opentelemetry import context, trace
-
         template = path_template(url)
         span = self._tracer.start_span(
             f"{method} {template}",
-            kind=trace.SpanKind.CLIENT,
+            kind=_trace.SpanKind.CLIENT,
             attributes={METHOD: method, TEMPLATE: template, "server.address": self._host},
         )
         # Current while the call runs: spans of the requests (aiohttp's own
         # instrumentation, if installed) become its children.
-        token = context.attach(trace.set_span_in_context(span))
+        token = _context.attach(_trace.set_span_in_context(span))
         return CallSpan(span, token, method, template)
 
 
@@ -183,8 +197,6 @@ class CallSpan:
 
     def finish(self, error: BaseException | None) -> None:
         """End the span: with the last answer's status, or as failed by ``error``."""
-        from opentelemetry import context, trace
-
         self._flush()
         span = self._span
         if self._attempts > 1:
@@ -195,9 +207,9 @@ class CallSpan:
             # The class name only: a message may quote an answer's body.
             name = type(error).__name__
             span.set_attribute(ERROR_TYPE, name)
-            span.set_status(trace.Status(trace.StatusCode.ERROR, name))
+            span.set_status(_trace.Status(_trace.StatusCode.ERROR, name))
         span.end()
-        context.detach(self._token)
+        _context.detach(self._token)
 
     def _flush(self) -> None:
         if self._pending is not None:

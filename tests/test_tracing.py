@@ -31,6 +31,10 @@ from kommo_talks._tracing import ENV_VAR, OtelTracer, make_tracer, path_template
             "/api/v4/chats/{id}/messages",
         ),
         ("", ""),
+        ("https://x.kommo.com", ""),
+        ("https://x.kommo.com?page=2", ""),
+        ("http://[::1]:8080/api/v4/talks/5", "/api/v4/talks/{id}"),
+        ("/api/v4/talks/\u0661\u0662", "/api/v4/talks/\u0661\u0662"),  # not ASCII digits: kept
     ],
 )
 def test_path_template_replaces_ids_and_drops_host_and_query(url: str, template: str) -> None:
