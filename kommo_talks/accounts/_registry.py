@@ -235,7 +235,11 @@ class KommoAccounts:
     async def uninstall(self, account_id: int) -> bool:
         """Close the account's cached client and delete its record and tokens.
 
-        Returns ``True`` if the account was installed.
+        Returns ``True`` if the account was installed. A client of it that
+        someone still holds gets ``TokenStoreError`` at its next refresh.
+
+        Raises:
+            ValueError: ``account_id`` is not a positive int.
         """
         check_account_id(account_id)
         client = self._clients.pop(account_id, None)

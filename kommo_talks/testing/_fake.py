@@ -55,9 +55,10 @@ class FakeKommo:
         record: keep every request in :attr:`requests` (turn off for long
             benchmarks).
         strict_rotation: see :class:`~kommo_talks.testing.FakeOAuth`.
-        account_id, subdomain: the account: ``GET /api/v4/account`` describes
-            it, its talks carry its ``account_id``, and its webhook deliveries
-            name it in ``account[id]`` and ``account[subdomain]``.
+        account_id: the account's ID: ``id`` of ``GET /api/v4/account``, the
+            ``account_id`` of its talks and ``account[id]`` of its webhook deliveries.
+        subdomain: the account's subdomain: ``subdomain`` of ``GET /api/v4/account``
+            and ``account[subdomain]`` of its webhook deliveries.
 
     Fault injection: :meth:`script` and :meth:`random_faults`. Permissions:
     :meth:`deny`, :meth:`block`. Counters: :attr:`stats`. Webhooks:
