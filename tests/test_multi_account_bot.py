@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -41,7 +42,7 @@ def load_example() -> ModuleType:
 bot = load_example()
 
 
-def handled(account_id: int, subdomain: str, talk_id: int) -> object:
+def handled(account_id: int, subdomain: str, talk_id: int) -> Callable[[WebhookEvent], bool]:
     def matches(event: WebhookEvent) -> bool:
         return (
             isinstance(event, MessageEvent)
@@ -73,7 +74,7 @@ async def test_two_accounts_install_the_bot_and_each_done_closes_its_own_talk() 
         await beta.emit_message(9, "#done")
         await asyncio.gather(
             seen.wait_for(handled(111, "alpha", 7)), seen.wait_for(handled(222, "beta", 9))
-        )  # type: ignore[arg-type]
+        )
 
         assert alpha.closed_talks() == [7]
         assert beta.closed_talks() == [9]
