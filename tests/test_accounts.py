@@ -17,9 +17,18 @@ from kommo_talks.accounts import (
     KommoAccounts,
     MemoryAccountStore,
 )
+from kommo_talks.accounts._install import MAX_ACCOUNT_BYTES
 from kommo_talks.accounts._model import account_base_url
-from kommo_talks.errors import ClientClosedError, KommoError, TokenRefreshError
-from kommo_talks.testing import FakeKommoAccount
+from kommo_talks.errors import (
+    APIError,
+    ClientClosedError,
+    DecodeError,
+    KommoError,
+    ServerError,
+    TokenRefreshError,
+    UnauthorizedError,
+)
+from kommo_talks.testing import FakeKommoAccount, Fault
 from kommo_talks.webhooks import TalkEvent
 
 CLIENT_ID = "integration-0123456789"
@@ -113,6 +122,58 @@ async def test_installing_again_replaces_the_record_and_the_client(
     assert stored is not None
     assert stored.access_token == one.oauth.issued[-1].access_token
     assert await accounts.client(101) is not old_client
+
+
+async def test_install_reads_the_account_through_a_client_of_that_account(
+    accounts: KommoAccounts, one: FakeKommoAccount
+) -> None:
+    one.script("account", 503)  # retried, as any GET of a client
+
+    await install(accounts, one)
+
+    reads = [r for r in one.requests if r.route == "account"]
+    assert len(reads) == 2
+    assert reads[-1].headers["Authorization"] == f"Bearer {one.oauth.issued[-1].access_token}"
+    assert reads[-1].headers["User-Agent"].startswith("kommo-talks/")
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        (Fault.error(401), UnauthorizedError),
+        (Fault.error(302), APIError),  # a redirect is not followed
+        (Fault.error(500), ServerError),  # every attempt fails
+        (Fault.error(200, html=True), DecodeError),  # not JSON
+    ],
+)
+async def test_a_failed_account_read_saves_nothing(
+    accounts: KommoAccounts, one: FakeKommoAccount, fault: Fault, error: type[KommoError]
+) -> None:
+    one.script("account", *[fault] * FAST_RETRY.max_attempts)
+
+    with pytest.raises(error) as caught:
+        await install(accounts, one)
+
+    if isinstance(caught.value, APIError):
+        assert caught.value.status == fault.status
+    assert await accounts.installed() == []
+    assert await accounts.store.get(101) is None
+    assert await accounts.store.tokens(101).load() is None
+
+
+@pytest.mark.parametrize(
+    ("subdomain", "field"), [("", "subdomain"), ("x" * MAX_ACCOUNT_BYTES, None)]
+)
+async def test_an_account_answer_that_is_wrong_or_too_large_saves_nothing(
+    accounts: KommoAccounts, one: FakeKommoAccount, subdomain: str, field: str | None
+) -> None:
+    one.crm.subdomain = subdomain
+
+    with pytest.raises(DecodeError) as caught:
+        await install(accounts, one)
+
+    assert caught.value.path == field
+    assert await accounts.installed() == []
 
 
 @pytest.mark.parametrize(
@@ -270,7 +331,7 @@ class Recording:
         self.log.append(self.name)
 
 
-async def test_the_global_limit_is_waited_for_before_the_accounts_own(
+async def test_the_global_limit_is_waited_for_before_the_accounts_own_and_at_install(
     one: FakeKommoAccount,
 ) -> None:
     log: list[str] = []
@@ -281,7 +342,8 @@ async def test_the_global_limit_is_waited_for_before_the_accounts_own(
         await install(accounts, one)
         await (await accounts.client(101)).get_talk(1)
 
-    assert log == ["global", "account-101"]
+    # The install's account read passes the global limit only: the ID is what it reads.
+    assert log == ["global", "global", "account-101"]
 
 
 async def test_a_number_gives_each_account_its_own_sliding_window(one: FakeKommoAccount) -> None:

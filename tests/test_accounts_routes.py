@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import FAST_RETRY
 from loopback import serving
 from test_accounts import CLIENT_ID, REDIRECT, SECRET, make_accounts
 
@@ -134,6 +135,19 @@ async def test_a_replayed_code_is_a_clear_400_and_changes_nothing(
     assert status == 400
     assert "refused the authorization code" in text
     assert await accounts.store.tokens(101).load() == stored
+
+
+async def test_an_account_that_cannot_be_read_is_a_502_and_nothing_is_installed(
+    accounts: KommoAccounts, one: FakeKommoAccount, site: str, http: aiohttp.ClientSession
+) -> None:
+    one.script("account", *[503] * FAST_RETRY.max_attempts)  # every attempt
+    query = one.install_query(CLIENT_ID, SECRET, REDIRECT, state=STATE)
+
+    status, text = await get(http, f"{site}/installed", query)
+
+    assert status == 502
+    assert "could not be read" in text
+    assert await accounts.installed() == []
 
 
 async def test_a_referer_that_is_not_kommo_is_a_400_and_nothing_is_sent(

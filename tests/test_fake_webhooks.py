@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from loopback import serving
 
-from kommo_talks import KommoClient
+from kommo_talks import KommoClient, LongLivedToken
 from kommo_talks.testing import FakeKommo, Fault, WebhookDelivery
 from kommo_talks.testing._webhooks import MANAGER_USER_ID
 from kommo_talks.webhooks import (
@@ -86,7 +86,7 @@ async def test_a_closed_talk_is_posted_as_talk_update_with_is_in_work_0(
         created_at=datetime.fromtimestamp(talk["created_at"], UTC),
         updated_at=datetime.fromtimestamp(talk["updated_at"], UTC),
         account_id=talk["account_id"],
-        subdomain="fake",
+        subdomain="example",
     )
     assert event.closed
 
@@ -102,7 +102,7 @@ async def test_delivery_is_a_kommo_form_body_of_strings(
     assert hook.headers[0]["Content-Type"] == "application/x-www-form-urlencoded"
     assert hook.headers[0]["User-Agent"] == "amoCRM-WebHook-client/1.0"
     # The account first, as recent deliveries have it; brackets percent-encoded.
-    assert hook.bodies[0].startswith(b"account%5Bsubdomain%5D=fake&account%5Bid%5D=")
+    assert hook.bodies[0].startswith(b"account%5Bsubdomain%5D=example&account%5Bid%5D=")
     fields = dict(parse_qsl(hook.bodies[0].decode(), keep_blank_values=True))
     talk = fake.talks[9]
     assert fields == {
@@ -118,7 +118,7 @@ async def test_delivery_is_a_kommo_form_body_of_strings(
         "talk[update][0][is_read]": "1",
         "talk[update][0][origin]": "telegram",
         "account[id]": "17029541",
-        "account[subdomain]": "fake",
+        "account[subdomain]": "example",
         "account[_links][self]": fake.url,
     }
 
@@ -350,3 +350,24 @@ async def test_webhooks_idle_returns_when_the_fake_closes_with_deliveries_queued
     # Leaving `async with` closed the fake: what was queued is dropped.
     async with asyncio.timeout(5):
         await idle
+
+
+async def test_each_fake_account_names_itself_in_every_delivery(hook: Hook) -> None:
+    async with (
+        FakeKommo(account_id=111, subdomain="alpha") as alpha,
+        FakeKommo(account_id=222, subdomain="beta") as beta,
+    ):
+        for fake in (alpha, beta):
+            fake.add_webhook(hook.url)
+            async with KommoClient(fake.url, auth=LongLivedToken(fake.token)) as client:
+                await client.close_talk(5, force=True)
+                assert (await client.get_talk(6)).account_id == fake.account_id
+            await fake.emit_talk_added(6)
+            await fake.emit_message(6, "hi")
+            await fake.emit_message(6, "on it", direction="outgoing")
+            await fake.webhooks_idle()
+
+    seen = [(w.account_id, w.subdomain) for w in map(parse_webhook, hook.bodies)]
+    assert seen == [(111, "alpha")] * 4 + [(222, "beta")] * 4
+    events = [only_event(body) for body in hook.bodies]
+    assert {(e.account_id, e.subdomain) for e in events[4:]} == {(222, "beta")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -41,11 +42,11 @@ def load_example() -> ModuleType:
 bot = load_example()
 
 
-def handled(account_id: int, talk_id: int) -> object:
+def handled(account_id: int, subdomain: str, talk_id: int) -> Callable[[WebhookEvent], bool]:
     def matches(event: WebhookEvent) -> bool:
         return (
             isinstance(event, MessageEvent)
-            and event.account_id == account_id
+            and (event.account_id, event.subdomain) == (account_id, subdomain)
             and event.talk_id == talk_id
         )
 
@@ -71,7 +72,9 @@ async def test_two_accounts_install_the_bot_and_each_done_closes_its_own_talk() 
 
         await alpha.emit_message(7, "all good, #done")
         await beta.emit_message(9, "#done")
-        await asyncio.gather(seen.wait_for(handled(111, 7)), seen.wait_for(handled(222, 9)))  # type: ignore[arg-type]
+        await asyncio.gather(
+            seen.wait_for(handled(111, "alpha", 7)), seen.wait_for(handled(222, "beta", 9))
+        )
 
         assert alpha.closed_talks() == [7]
         assert beta.closed_talks() == [9]

@@ -72,6 +72,13 @@ class AccountLimits:
             return parts[0] if parts else None
         return ChainedRateLimiter(*parts)
 
+    def for_install(self) -> RateLimiter | None:
+        """The limiter of an install's ``GET /api/v4/account``: the global one, if any.
+
+        The account's own limiter is keyed by its ID, which that call is what reveals.
+        """
+        return self._global
+
     def _account_limiter(self, account_id: int) -> RateLimiter | None:
         option = self._per_account
         if option is None:

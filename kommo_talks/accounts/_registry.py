@@ -199,8 +199,10 @@ class KommoAccounts:
         """Install the account Kommo redirected with ``code`` and ``referer``.
 
         Exchanges the code at the account's domain (``referer``), reads
-        ``GET /api/v4/account`` for its ``id`` and ``subdomain``, and saves the
-        record with the pair before returning. Installing an account again
+        ``GET /api/v4/account`` for its ``id`` and ``subdomain`` (through a
+        ``KommoClient`` of the new account on the shared session, so with its
+        retries, timeout and errors), and saves the record with the pair
+        before returning; if any step fails, nothing is saved. Installing an account again
         replaces its record and tokens (its cached client is dropped).
         ``state`` is not checked here (the redirect handler of :meth:`setup`
         checks it); it is accepted so that a handler can pass the query on.
@@ -222,6 +224,7 @@ class KommoAccounts:
             client_secret=self._client_secret,
             redirect_uri=self.redirect_uri,
             retry=self._retry,
+            rate_limit=self._limits.for_install(),
             seconds=self._timeout,
         )
         await self.store.install(account, tokens)
@@ -232,7 +235,11 @@ class KommoAccounts:
     async def uninstall(self, account_id: int) -> bool:
         """Close the account's cached client and delete its record and tokens.
 
-        Returns ``True`` if the account was installed.
+        Returns ``True`` if the account was installed. A client of it that
+        someone still holds gets ``TokenStoreError`` at its next refresh.
+
+        Raises:
+            ValueError: ``account_id`` is not a positive int.
         """
         check_account_id(account_id)
         client = self._clients.pop(account_id, None)

@@ -55,7 +55,10 @@ class FakeKommo:
         record: keep every request in :attr:`requests` (turn off for long
             benchmarks).
         strict_rotation: see :class:`~kommo_talks.testing.FakeOAuth`.
-        account_id, subdomain: the account ``GET /api/v4/account`` describes.
+        account_id: the account's ID: ``id`` of ``GET /api/v4/account``, the
+            ``account_id`` of its talks and ``account[id]`` of its webhook deliveries.
+        subdomain: the account's subdomain: ``subdomain`` of ``GET /api/v4/account``
+            and ``account[subdomain]`` of its webhook deliveries.
 
     Fault injection: :meth:`script` and :meth:`random_faults`. Permissions:
     :meth:`deny`, :meth:`block`. Counters: :attr:`stats`. Webhooks:
@@ -93,6 +96,8 @@ class FakeKommo:
         self.stats = FakeStats()
         self.requests: list[RecordedRequest] = []
         self.oauth = FakeOAuth(strict_rotation=strict_rotation)
+        self.crm = FakeCRM(account_id=account_id, subdomain=subdomain, leads=[_EXAMPLE_LEAD])
+        """The account and its leads (``GET /api/v4/account``, ``/api/v4/leads``)."""
         self._talks = Talks(self, talks)
         self.talks: dict[int, dict[str, Any]] = self._talks.by_id
         """The talks it holds, by ID, as API payloads (without links)."""
@@ -100,8 +105,6 @@ class FakeKommo:
         """IDs of talks whose close launched the NPS bot instead of closing."""
         # Every endpoint comes from one of these parts (each has routes());
         # a module that serves more of Kommo adds its part here.
-        self.crm = FakeCRM(account_id=account_id, subdomain=subdomain, leads=[_EXAMPLE_LEAD])
-        """The account and its leads (``GET /api/v4/account``, ``/api/v4/leads``)."""
         self._endpoints: tuple[RouteSource, ...] = (
             self._talks,
             TalkList(self, self._talks),
@@ -166,8 +169,18 @@ class FakeKommo:
 
     # -- state -----------------------------------------------------------------
 
+    @property
+    def account_id(self) -> int:
+        """The fake account's ID (``id`` of ``GET /api/v4/account``)."""
+        return self.crm.account_id
+
+    @property
+    def subdomain(self) -> str:
+        """The fake account's subdomain (``subdomain`` of ``GET /api/v4/account``)."""
+        return self.crm.subdomain
+
     def add_talk(self, talk_id: int, **fields: Any) -> dict[str, Any]:
-        """Add (or replace) a talk; ``fields`` override the example's values.
+        """Add (or replace) a talk of this account; ``fields`` override the example's values.
 
         Returns the stored payload, which tests may change in place.
         """

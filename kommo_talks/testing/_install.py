@@ -1,9 +1,10 @@
 """Several Kommo accounts in one test: :class:`FakeKommoAccount`, install codes, disconnect hooks.
 
 Each :class:`FakeKommoAccount` is a :class:`FakeKommo` of its own (its own
-token endpoint, tokens and talks) that also serves ``GET /api/v4/account``
-with its ``account_id`` and ``subdomain``, so an integration's tokens for
-one account are refused by every other::
+token endpoint, tokens and talks; ``GET /api/v4/account`` and its webhook
+deliveries name its ``account_id`` and ``subdomain``), so an integration's
+tokens for one account are refused by every other; it adds what Kommo's
+install redirect sends::
 
     async with FakeKommoAccount(account_id=1, subdomain="one") as one:
         query = one.install_query(client_id, client_secret, redirect_uri, state="s")
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from ._fake import FakeKommo
@@ -23,24 +23,10 @@ __all__ = ["FakeKommoAccount", "disconnect_query", "signed_disconnect_url"]
 
 
 class FakeKommoAccount(FakeKommo):
-    """A :class:`FakeKommo` that is one named account (``GET /api/v4/account``).
+    """A :class:`FakeKommo` that an integration installs into: install codes and redirect queries.
 
-    Args:
-        account_id: the account's ID (``id`` of ``GET /api/v4/account``).
-        subdomain: the account's subdomain.
-        **options: as for :class:`FakeKommo`.
+    Takes :class:`FakeKommo`'s options, ``account_id`` and ``subdomain`` among them.
     """
-
-    def __init__(self, *, account_id: int = 17029541, subdomain: str = "example", **options: Any):
-        super().__init__(account_id=account_id, subdomain=subdomain, **options)
-        self.account_id = account_id
-        self.subdomain = subdomain
-        for talk in self.talks.values():
-            talk["account_id"] = account_id  # its webhooks name this account
-
-    def add_talk(self, talk_id: int, **fields: Any) -> dict[str, Any]:
-        """As :meth:`FakeKommo.add_talk`; the talk is in this account unless ``fields`` say not."""
-        return super().add_talk(talk_id, **{"account_id": self.account_id, **fields})
 
     @property
     def referer(self) -> str:

@@ -126,6 +126,9 @@ class TalksHost(Protocol):
     @property
     def nps_bot(self) -> bool: ...
 
+    @property
+    def account_id(self) -> int: ...
+
 
 class Talks:
     """The talks by ID, per-talk denials, and the ``get`` and ``close`` routes."""
@@ -140,8 +143,9 @@ class Talks:
             self.add(talk_id)
 
     def add(self, talk_id: int, **fields: Any) -> dict[str, Any]:
-        """Store (or replace) the example talk with ``talk_id``, ``fields`` overriding."""
+        """Store (or replace) the example talk ``talk_id`` in the host's account; ``fields`` win."""
         talk = example_talk(talk_id)
+        talk["account_id"] = self._host.account_id
         talk.update(fields)
         self.by_id[talk_id] = talk
         return talk

@@ -29,6 +29,7 @@ import attrs
 __all__ = [
     "MANAGER_USER_ID",
     "FakeWebhooks",
+    "Sender",
     "WebhookDelivery",
     "message_add_body",
     "talk_event_body",
@@ -39,8 +40,6 @@ USER_AGENT: Final = "amoCRM-WebHook-client/1.0"
 """What Kommo's webhook deliveries send as their ``User-Agent``."""
 MANAGER_USER_ID: Final = 1000001
 """The ``author[user_id]`` of the fake's outgoing messages: the manager's Kommo user ID."""
-SUBDOMAIN: Final = "fake"
-"""The ``account[subdomain]`` of the fake's deliveries."""
 
 # The talk fields Kommo's talk[add] / talk[update] deliveries carry.
 _TALK_FIELDS: Final = (
@@ -94,26 +93,32 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _account_pairs(account_id: Any, base_url: str) -> list[tuple[str, str]]:
-    # First, in this order, as recent deliveries have them.
-    return [
-        ("account[subdomain]", SUBDOMAIN),
-        ("account[id]", _text(account_id)),
-        ("account[_links][self]", base_url),
-    ]
+@attrs.frozen
+class Sender:
+    """The account a delivery comes from: its ``account[...]`` keys."""
+
+    account_id: int
+    subdomain: str
+    base_url: str
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The ``account[...]`` form pairs: first, in this order, as recent deliveries have them."""
+        return [
+            ("account[subdomain]", self.subdomain),
+            ("account[id]", str(self.account_id)),
+            ("account[_links][self]", self.base_url),
+        ]
 
 
-def talk_event_body(action: str, talks: Iterable[Mapping[str, Any]], *, base_url: str) -> bytes:
+def talk_event_body(action: str, talks: Iterable[Mapping[str, Any]], *, sender: Sender) -> bytes:
     """A ``talk[add]`` or ``talk[update]`` delivery body for the given talk payloads.
 
     ``action`` is ``"add"`` or ``"update"``; the talks are numbered ``[0]``,
-    ``[1]``, ... in order. The account is the first talk's ``account_id``.
+    ``[1]``, ... in order, after ``sender``'s ``account[...]`` keys.
     """
     if action not in ("add", "update"):
         raise ValueError(f"action must be 'add' or 'update', got {action!r}")
-    talks = list(talks)
-    account_id = next((t.get("account_id") for t in talks if t.get("account_id") is not None), None)
-    pairs = _account_pairs(account_id, base_url)
+    pairs = sender.pairs()
     for index, talk in enumerate(talks):
         prefix = f"talk[{action}][{index}]"
         pairs.extend((f"{prefix}[{name}]", _text(talk.get(name))) for name in _TALK_FIELDS)
@@ -128,7 +133,7 @@ def message_add_body(
     author_name: str,
     message_id: str,
     created_at: int,
-    base_url: str,
+    sender: Sender,
 ) -> bytes:
     """A delivery of one message in ``talk``'s chat, in the section its direction uses.
 
@@ -154,7 +159,7 @@ def message_add_body(
         **fields,
         "origin": talk.get("origin"),
     }
-    pairs = _account_pairs(talk.get("account_id"), base_url)
+    pairs = sender.pairs()
     # A value the talk lacks is left out, not sent empty (a site chat's message
     # came without its entity keys).
     pairs.extend((f"{prefix}[{k}]", _text(v)) for k, v in fields.items() if v is not None)
@@ -211,6 +216,12 @@ class WebhooksHost(Protocol):
     @property
     def webhook_timeout(self) -> float: ...
 
+    @property
+    def account_id(self) -> int: ...
+
+    @property
+    def subdomain(self) -> str: ...
+
 
 class FakeWebhooks:
     """The fake's webhook subscriptions and its delivery task (see ``FakeKommo``)."""
@@ -247,7 +258,7 @@ class FakeWebhooks:
 
     def emit_talk(self, action: str, talk: Mapping[str, Any]) -> bytes:
         """Queue a ``talk[add]`` or ``talk[update]`` delivery of one talk."""
-        return self.emit(talk_event_body(action, [talk], base_url=self._host.url))
+        return self.emit(talk_event_body(action, [talk], sender=self._sender()))
 
     def emit_message(
         self,
@@ -270,14 +281,18 @@ class FakeWebhooks:
             author_name=author_name,
             message_id=message_id or str(uuid.uuid4()),
             created_at=now(),
-            base_url=self._host.url,
+            sender=self._sender(),
         )
         return self.emit(body)
 
     def talk_closed(self, talk: dict[str, Any]) -> None:
         """The fake's close listener: a ``talk[update]`` with ``is_in_work`` 0."""
         if self.urls:
-            self.send(talk_event_body("update", [talk], base_url=self._host.url))
+            self.send(talk_event_body("update", [talk], sender=self._sender()))
+
+    def _sender(self) -> Sender:
+        host = self._host
+        return Sender(host.account_id, host.subdomain, host.url)
 
     async def idle(self) -> None:
         """Return once every queued delivery has been answered, refused or timed out."""
