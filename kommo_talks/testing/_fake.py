@@ -55,7 +55,8 @@ class FakeKommo:
         record: keep every request in :attr:`requests` (turn off for long
             benchmarks).
         strict_rotation: see :class:`~kommo_talks.testing.FakeOAuth`.
-        account_id, subdomain: the account ``GET /api/v4/account`` describes.
+        account_id: the ID of the account ``GET /api/v4/account`` describes.
+        subdomain: that account's subdomain.
 
     Fault injection: :meth:`script` and :meth:`random_faults`. Permissions:
     :meth:`deny`, :meth:`block`. Counters: :attr:`stats`. Webhooks:
