@@ -155,19 +155,21 @@ def _move(verb: str, ids: Sequence[str], every: bool, redis_url: str, stream: st
     run(moving())
 
 
+def _ids_options(function: click.decorators.FC) -> click.decorators.FC:
+    function = _queue_options(function)
+    function = click.option("--all", "every", is_flag=True, help="Every dead letter.")(function)
+    return click.argument("ids", nargs=-1, metavar="[ID]...")(function)
+
+
 @dead.command()
-@click.argument("ids", nargs=-1, metavar="[ID]...")
-@click.option("--all", "every", is_flag=True, help="Every dead letter.")
-@_queue_options
+@_ids_options
 def retry(ids: tuple[str, ...], every: bool, redis_url: str, stream: str) -> NoReturn:
     """Put dead letters back in the stream (no dedupe): workers run them again."""
     _move("retried", ids, every, redis_url, stream)
 
 
 @dead.command()
-@click.argument("ids", nargs=-1, metavar="[ID]...")
-@click.option("--all", "every", is_flag=True, help="Every dead letter.")
-@_queue_options
+@_ids_options
 def drop(ids: tuple[str, ...], every: bool, redis_url: str, stream: str) -> NoReturn:
     """Delete dead letters for good."""
     _move("dropped", ids, every, redis_url, stream)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Final, Protocol
 
 from ..errors import CoordinationError
-from ._intake import OK, TOO_MANY_PENDING, Answer
+from ._intake import OK, TOO_MANY_PENDING, Answer, too_many_pending
 from ._models import WebhookEvent
 
 __all__ = ["APPEND_TIMEOUT", "EventQueue", "QueueSink"]
@@ -67,7 +67,7 @@ class QueueSink:
         """Store ``events`` (``OK``) or answer ``503``: never ``OK`` for an event not stored."""
         if not events:
             return OK
-        if self.pending and self.pending + len(events) > self._max_pending:
+        if too_many_pending(self.pending, len(events), self._max_pending):
             return TOO_MANY_PENDING
         self.pending += len(events)
         try:
