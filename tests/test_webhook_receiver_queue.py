@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import redis.asyncio
 from aiohttp import web
-from loopback import serving
+from loopback import serving, serving_asgi
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis_server import RedisServer
@@ -98,6 +98,14 @@ async def test_a_delivery_is_stored_before_200_and_a_worker_runs_its_callbacks(
         assert await post(session, url, delivery("m-1", "m-2")) == 200
     assert await r.xlen(queue.stream) == 2  # stored when answered
     assert await served_ids(queue, 2) == ["m-1", "m-2"]
+
+
+async def test_the_asgi_app_stores_a_delivery_before_200(r: redis.asyncio.Redis) -> None:
+    queue = RedisWebhookQueue(r)
+    receiver = WebhookReceiver(queue=queue)
+    async with serving_asgi(receiver.asgi_app()) as url, aiohttp.ClientSession() as session:
+        assert await post(session, url, delivery("m-1")) == 200
+        assert await r.xlen(queue.stream) == 1
 
 
 async def test_the_same_delivery_posted_three_times_runs_one_callback_per_event(
