@@ -585,11 +585,13 @@ def test_receiver_refuses_nonsense_settings() -> None:
             WebhookReceiver(Recorder(), read_timeout=timeout)  # type: ignore[arg-type]
 
 
-def test_receiver_without_a_callback_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="callback"):
+def test_receiver_needs_exactly_one_of_callback_and_queue() -> None:
+    with pytest.raises(TypeError, match="exactly one of callback and queue"):
         WebhookReceiver()
-    with pytest.raises(TypeError, match="callback"):
+    with pytest.raises(TypeError, match="exactly one of callback and queue"):
         WebhookReceiver(None, secret="s3cret")
+    with pytest.raises(TypeError, match="exactly one of callback and queue"):
+        WebhookReceiver(Recorder(), queue=object())  # type: ignore[arg-type]
 
 
 # --------------------------------------------------- partly bad deliveries

@@ -21,8 +21,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """
     from ._accounts import accounts
     from ._app import cli
+    from ._webhooks import webhooks
 
     cli.add_command(accounts)
+    cli.add_command(webhooks)
 
     cli.main(args=list(argv) if argv is not None else None, prog_name="kommo-talks")
     raise SystemExit(0)  # not reached: click exits (standalone mode)

@@ -20,7 +20,7 @@ from ..errors import DecodeError
 from ._models import InvalidEvent, WebhookEvent
 from ._parse import parse_webhook
 
-__all__ = ["OK", "Answer", "BodyTooLarge", "EventSink", "WebhookIntake"]
+__all__ = ["OK", "Answer", "BodyTooLarge", "EventSink", "WebhookIntake", "too_many_pending"]
 
 logger = logging.getLogger("kommo_talks.webhooks")
 
@@ -38,6 +38,14 @@ TOO_SLOW = Answer(408, "request body not received in time")
 TOO_LARGE = Answer(413, "request body too large")
 SHUTTING_DOWN = Answer(503, "shutting down")
 TOO_MANY_PENDING = Answer(503, "too many pending events")
+
+
+def too_many_pending(pending: int, incoming: int, max_pending: int) -> bool:
+    """Refuse a delivery that would leave more than ``max_pending`` events pending.
+
+    A delivery is always taken when nothing is pending, however large it is.
+    """
+    return pending > 0 and pending + incoming > max_pending
 
 
 class BodyTooLarge(Exception):

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
-from ._intake import OK, TOO_MANY_PENDING, Answer
+from ._intake import OK, TOO_MANY_PENDING, Answer, too_many_pending
 from ._models import TalkEvent, WebhookEvent
 
 __all__ = ["CallbackPool", "WebhookCallback"]
@@ -39,7 +39,7 @@ class CallbackPool:
         """Start a task for ``events`` (``OK``), or refuse them all (``503``)."""
         if not events:
             return OK
-        if self.pending and self.pending + len(events) > self._max_pending:
+        if too_many_pending(self.pending, len(events), self._max_pending):
             return TOO_MANY_PENDING
         self.pending += len(events)
         # The loop first runs this task once the request's task yields: after

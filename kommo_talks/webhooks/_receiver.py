@@ -7,6 +7,7 @@ adapt them to ``aiohttp.web`` and to any ASGI server or framework.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -15,12 +16,16 @@ from ._asgi import ASGIApp, AsgiWebhookApp
 from ._intake import WebhookIntake
 from ._models import InvalidEvent
 from ._pool import CallbackPool, WebhookCallback
+from ._queue_sink import APPEND_TIMEOUT, QueueSink
+
+if TYPE_CHECKING:
+    from ._queue import RedisWebhookQueue
 
 __all__ = ["WebhookCallback", "WebhookReceiver"]
 
 
 class WebhookReceiver:
-    """Receives Kommo webhooks in ``aiohttp.web`` or ASGI; ``await callback(event)`` each.
+    """Receives Kommo webhooks in ``aiohttp.web`` or ASGI; runs a callback or fills a queue.
 
     Serve it with :meth:`setup` (or :meth:`handle`) in an ``aiohttp.web``
     application, or mount :meth:`asgi_app` in FastAPI, Starlette or any
@@ -65,21 +70,35 @@ class WebhookReceiver:
     graceful shutdown (:meth:`setup`'s hook, the ASGI lifespan, or
     :meth:`close`) does not. Give callbacks their own timeouts: draining
     waits for every one of them.
+
+    With ``queue`` (a :class:`RedisWebhookQueue`) instead of ``callback``,
+    nothing is run here: a delivery is answered ``200`` only after Redis
+    acknowledged the append of every one of its events (one round trip),
+    and ``503`` when Redis is unreachable, refuses, or has not answered
+    within ``append_timeout`` seconds (default :data:`APPEND_TIMEOUT`,
+    1.5 s, under Kommo's 2 s). No event answered ``200`` lives only in
+    memory: a crash of the receiver loses none, and draining has nothing to
+    wait for. ``max_pending`` then bounds the events waiting for Redis.
+    :class:`WebhookWorker` processes run the callbacks.
     """
 
     def __init__(
         self,
         callback: WebhookCallback | None = None,
         *,
+        queue: RedisWebhookQueue | None = None,
         secret: str | None = None,
         max_pending: int = 1000,
         read_timeout: float = 10.0,
         on_invalid: Callable[[InvalidEvent], object] | None = None,
+        append_timeout: float = APPEND_TIMEOUT,
     ) -> None:
         """Build a receiver.
 
         Args:
             callback: ``await callback(event)`` runs for every good event.
+            queue: store every good event in this queue instead (for
+                :class:`WebhookWorker` processes to run).
             secret: if set, every delivery's URL must carry it as its
                 ``secret`` query parameter.
             max_pending: the most events waiting or running at once.
@@ -87,22 +106,32 @@ class WebhookReceiver:
             on_invalid: a plain callable (not awaited), called with each
                 :class:`InvalidEvent` of an accepted delivery before it is
                 answered; what it raises is logged, and the answer stays ``200``.
+            append_timeout: with ``queue``, seconds Redis has to store a
+                delivery before it is answered ``503``.
 
         Raises:
-            TypeError: ``callback`` is missing.
+            TypeError: neither or both of ``callback`` and ``queue`` are given.
             ValueError: ``max_pending`` is below 1, ``secret`` is empty, or
-                ``read_timeout`` is not a positive, finite number.
+                ``read_timeout`` or ``append_timeout`` is not a positive, finite number.
         """
-        if callback is None:
-            raise TypeError("WebhookReceiver needs a callback: WebhookReceiver(callback, ...)")
-        self._pool = CallbackPool(callback, max_pending)
+        if (callback is None) == (queue is None):
+            raise TypeError(
+                "WebhookReceiver needs exactly one of callback and queue: "
+                "WebhookReceiver(callback, ...) or WebhookReceiver(queue=..., ...)"
+            )
+        self._pool: CallbackPool | QueueSink
+        if queue is not None:
+            self._pool = QueueSink(queue, max_pending, append_timeout)
+        else:
+            assert callback is not None
+            self._pool = CallbackPool(callback, max_pending)
         self._intake = WebhookIntake(
             self._pool, secret=secret, read_timeout=read_timeout, on_invalid=on_invalid
         )
 
     @property
     def pending(self) -> int:
-        """Accepted events whose callback has not finished yet."""
+        """Accepted events whose callback has not finished yet (with a queue: not yet stored)."""
         return self._pool.pending
 
     @property
