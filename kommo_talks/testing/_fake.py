@@ -52,19 +52,14 @@ class FakeKommo:
         retry_after_header: also send a ``Retry-After`` header with 429s.
         nps_bot: when true, a close without ``force_close`` launches the NPS
             bot (202, the talk stays open), as on accounts that enable it.
-        record: keep every request in :attr:`requests` (turn off for long
-            benchmarks).
+        record: keep every request in :attr:`requests` (off for long benchmarks).
         strict_rotation: see :class:`~kommo_talks.testing.FakeOAuth`.
-        account_id: the account's ID: ``id`` of ``GET /api/v4/account``, the
-            ``account_id`` of its talks and ``account[id]`` of its webhook deliveries.
-        subdomain: the account's subdomain: ``subdomain`` of ``GET /api/v4/account``
-            and ``account[subdomain]`` of its webhook deliveries.
+        account_id: the account's ID (``GET /api/v4/account``, its talks, its webhooks).
+        subdomain: the account's subdomain (``GET /api/v4/account``, its webhooks).
 
-    Fault injection: :meth:`script` and :meth:`random_faults`. Permissions:
-    :meth:`deny`, :meth:`block`. Counters: :attr:`stats`. Webhooks:
-    :meth:`add_webhook`, :meth:`emit_message`, :meth:`emit_talk_added`,
-    :meth:`emit_talk_updated`, :meth:`webhooks_idle`,
-    :attr:`webhook_deliveries`.
+    Faults: :meth:`script`, :meth:`random_faults`. Permissions: :meth:`deny`,
+    :meth:`block`. Counters: :attr:`stats`. Webhooks: :meth:`add_webhook`, the
+    ``emit_*`` methods, :meth:`webhooks_idle`, :attr:`webhook_deliveries`.
     """
 
     def __init__(

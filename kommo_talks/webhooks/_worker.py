@@ -59,22 +59,15 @@ class WebhookWorker:
     workers there is no order). An event is acknowledged (and deleted) only
     after its callback returned: delivery is **at least once**. If a worker
     dies, the events it held are claimed by another worker once they have
-    been idle for ``claim_idle`` seconds, and run again; a live worker keeps
-    the events it holds claimed, so a callback longer than ``claim_idle`` is
-    not run twice.
+    been idle for ``claim_idle`` seconds; a live worker keeps the events it
+    holds claimed, so a callback longer than ``claim_idle`` is not run twice.
 
-    A callback that raises is logged on the ``kommo_talks.webhooks`` logger,
-    and its event is run again (by any worker) ``claim_idle`` seconds later,
-    possibly after later events of its talk. After ``max_deliveries`` runs
-    without success (failed, or whose worker died) the event moves to the
-    dead-letter stream ``<stream>:dead`` with the last error's text, and is
-    acknowledged (see :meth:`RedisWebhookQueue.dead_letters`).
-
-    Redis errors are logged and retried with backoff (0.1 s doubling to 5 s);
-    the worker resumes when Redis is back. ``await worker.run()`` works until
-    ``await worker.stop()``: then running callbacks finish and are
-    acknowledged, and the events that had not started are left for other
-    workers at once.
+    A failed callback is logged (``kommo_talks.webhooks``) and its event runs
+    again ``claim_idle`` seconds later, on any worker; after ``max_deliveries``
+    runs it moves to ``<stream>:dead`` with the last error's text, acknowledged.
+    Redis errors are retried with backoff (0.1 s doubling to 5 s). ``run()``
+    works until ``stop()``: running callbacks then finish and are acknowledged;
+    events not started are left for other workers at once.
 
     Args:
         queue: the queue to read.
