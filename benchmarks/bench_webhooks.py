@@ -2,7 +2,7 @@
 
 Run ``python benchmarks/bench_webhooks.py`` from the repository root. It prints:
 
-1. ``parse_webhook`` on a one-event ``talk[update]`` body (about 480 bytes)
+1. ``parse_webhook`` on a one-event ``talk[update]`` body (about 640 bytes)
    against ``urllib.parse.parse_qsl`` on the same bytes. Target: at most 2x.
 2. Deliveries per second through a ``WebhookReceiver`` with a no-op callback
    against a bare aiohttp handler that answers 200. The servers run in this
@@ -46,7 +46,7 @@ import uvicorn
 from aiohttp import web
 
 from kommo_talks.testing._fake import example_talk
-from kommo_talks.testing._webhooks import talk_event_body
+from kommo_talks.testing._webhooks import Sender, talk_event_body
 from kommo_talks.webhooks import WebhookEvent, WebhookReceiver, parse_webhook
 
 PATH = "/hook"
@@ -59,9 +59,9 @@ ROUNDS = 3
 # What FakeKommo posts when it closes a talk: brackets percent-encoded, as a
 # form encoder (PHP's http_build_query) sends them; and the same pairs with
 # brackets as written in Kommo's documentation.
-ENCODED_BODY_BYTES = talk_event_body(
-    "update", [{**example_talk(117), "is_in_work": False}], base_url="https://example.kommo.com"
-)
+SENDER = Sender(17029541, "example", "https://example.kommo.com")
+CLOSED_TALK = {**example_talk(117), "is_in_work": False}
+ENCODED_BODY_BYTES = talk_event_body("update", [CLOSED_TALK], sender=SENDER)
 RAW_BODY_BYTES = "&".join(
     f"{key}={quote_plus(value)}" for key, value in parse_qsl(ENCODED_BODY_BYTES.decode())
 ).encode()
@@ -108,19 +108,29 @@ def pin(cpu: int) -> str:
     return f"CPU {cpus[cpu % len(cpus)]}"
 
 
-async def run_load(port: int, requests: int) -> tuple[float, float]:
+def distinct_body(n: int) -> bytes:
+    """The benchmark body with the talk's ``updated_at`` moved ``n`` seconds: a new event."""
+    talk = {**CLOSED_TALK, "updated_at": CLOSED_TALK["updated_at"] + n}
+    return talk_event_body("update", [talk], sender=SENDER)
+
+
+async def run_load(port: int, requests: int, *, first: int | None = None) -> tuple[float, float]:
     """Run the load process against ``port``.
 
-    Returns its deliveries per second and this (server) process's CPU time
-    per delivery in microseconds.
+    By default every request carries ``ENCODED_BODY_BYTES``; with ``first``,
+    request ``i`` carries ``distinct_body(first + i)`` (bodies made before
+    the clock starts). Returns the deliveries per second and this (server)
+    process's CPU time per delivery in microseconds.
     """
     cpu_before = time.process_time()
+    extra = [] if first is None else ["--first", str(first)]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         SCRIPT,
         "--load",
         str(port),
         str(requests),
+        *extra,
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await process.communicate()
@@ -243,14 +253,26 @@ async def bench_asgi() -> None:
 # ---------------------------------------------------------- the load process
 
 
-async def load(port: int, requests: int) -> dict[str, float]:
-    """Send ``requests`` POSTs over CONNECTIONS keep-alive connections."""
+def request_bytes(port: int, body: bytes) -> bytes:
+    """One complete HTTP/1.1 POST of ``body`` to PATH."""
     head = (
         f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         "Content-Type: application/x-www-form-urlencoded\r\n"
-        f"Content-Length: {len(ENCODED_BODY_BYTES)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    request = head + ENCODED_BODY_BYTES
+    return head + body
+
+
+async def load(port: int, requests: int, first: int | None = None) -> dict[str, float]:
+    """Send ``requests`` POSTs over CONNECTIONS keep-alive connections.
+
+    The same body each time, or with ``first`` distinct bodies (see ``run_load``).
+    """
+    if first is None:
+        same = request_bytes(port, ENCODED_BODY_BYTES)
+        payloads = [same] * requests
+    else:
+        payloads = [request_bytes(port, distinct_body(first + n)) for n in range(requests)]
     left = requests
     ok = 0
 
@@ -260,7 +282,7 @@ async def load(port: int, requests: int) -> dict[str, float]:
         try:
             while left > 0:
                 left -= 1
-                writer.write(request)
+                writer.write(payloads[left])
                 status_line = await reader.readline()
                 length = 0
                 while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -284,10 +306,11 @@ def main() -> None:
     """Run both benchmarks (or, with ``--load PORT N``, be the load process)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", nargs=2, type=int, metavar=("PORT", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
         pin(1)
-        print(json.dumps(asyncio.run(load(*args.load))))
+        print(json.dumps(asyncio.run(load(*args.load, args.first))))
         return
     where = pin(0)
     print(
